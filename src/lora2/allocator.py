@@ -1,0 +1,247 @@
+"""Rank allocator: importance of singular values (SPEC §4) and the global cubic budget (SPEC §5).
+
+The reduced score needs EMAs of ``lam``, ``p_inner`` and ``q_inner`` only; they are kept stacked
+over the M adapted matrices ((M, r), (M, k, r), (M, r, k)) so one update is a handful of
+vectorised ops whatever M is. Pruning keeps exactly b(t) singular values: a stable descending
+sort of all M·r importances, ties broken by position, never a ``<= threshold`` rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .config import LoRA2Config
+from .layer import LoRA2Layer
+
+INNER = ("lam", "p_inner", "q_inner")
+OUTER = ("p_outer", "q_outer")
+
+
+class RankAllocator:
+    """Owns the sensitivity statistics and decides which singular values stay active."""
+
+    def __init__(self, names: Sequence[str], layers: Sequence[LoRA2Layer], config: LoRA2Config) -> None:
+        if len(names) != len(layers) or not layers:
+            raise ValueError("RankAllocator needs one name per LoRA² layer and at least one layer.")
+        self.names = list(names)
+        self.layers = list(layers)
+        self.config = config
+        self.b0, self.b_target = config.budgets(len(layers))
+        self.step = 0  # last optimizer step seen
+        self.num_updates = 0
+        self.ema_i: dict[str, torch.Tensor] = {}
+        self.ema_u: dict[str, torch.Tensor] = {}
+        self.outer_i: list[dict[str, torch.Tensor]] = []  # "full" importance only: per-layer shapes differ
+        self.outer_u: list[dict[str, torch.Tensor]] = []
+
+    # -- schedule -----------------------------------------------------------------------------
+    @property
+    def prunes(self) -> bool:
+        """False when the target budget equals the initial one: nothing to allocate."""
+        return self.b_target < self.b0
+
+    def _total_step(self) -> int:
+        total = self.config.total_step
+        if total is None:
+            raise ValueError(
+                "LoRA2Config.total_step is not set, so the budget schedule is undefined. Set total_step to the "
+                "number of optimizer steps, or train with lora2.LoRA2Callback(), which takes it from the Trainer."
+            )
+        return total
+
+    def phase(self, step: int) -> str:
+        """'warmup' (t ≤ t_init), 'pruning' (t_init < t ≤ T − t_final) or 'final'."""
+        total = self._total_step()
+        if step <= self.config.init_warmup:
+            return "warmup"
+        if step > total - self.config.final_warmup:
+            return "final"
+        return "pruning"
+
+    def budget(self, step: int) -> int:
+        """b(t) of SPEC §5, in exact integer arithmetic so the floor never drifts by one."""
+        cfg = self.config
+        phase = self.phase(step)
+        if phase == "warmup":
+            return self.b0
+        if phase == "final":
+            return self.b_target
+        span = self._total_step() - cfg.init_warmup - cfg.final_warmup
+        left = span - (step - cfg.init_warmup)
+        return self.b_target + ((self.b0 - self.b_target) * left**3) // span**3
+
+    def is_mask_step(self, step: int) -> bool:
+        """Prune every Δt steps in the pruning phase, and always at T − t_final so that bT holds."""
+        if self.phase(step) != "pruning":
+            return False
+        return step % self.config.mask_interval == 0 or step == self._total_step() - self.config.final_warmup
+
+    # -- statistics ---------------------------------------------------------------------------
+    def tracked_entries(self) -> int:
+        """How many parameter entries get a sensitivity each step (the paper's 98.5% claim)."""
+        n = sum(getattr(layer, name).numel() for layer in self.layers for name in INNER)
+        if self.config.importance == "full":
+            n += sum(getattr(layer, name).numel() for layer in self.layers for name in OUTER)
+        return n
+
+    def _sensitivity(self, params: list[torch.Tensor]) -> torch.Tensor:
+        theta = torch.stack([p.detach() for p in params]).float()
+        grad = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
+        return (theta * grad).abs_()
+
+    def _check_finite(self, name: str, value: torch.Tensor, step: int) -> None:
+        if not bool(torch.isfinite(value).all()):
+            bad = torch.nonzero(~torch.isfinite(value.reshape(len(self.layers), -1)).all(dim=1))[0, 0].item()
+            raise FloatingPointError(
+                f"Non-finite sensitivity of {name} in {self.names[bad]} at step {step}: the loss or its gradients "
+                "contain NaN/inf. Lower the learning rate, enable gradient clipping, or check the data; the "
+                "allocator refuses to build a mask from them."
+            )
+
+    @staticmethod
+    def _ema(ema_i: torch.Tensor, ema_u: torch.Tensor, s: torch.Tensor, beta1: float, beta2: float) -> None:
+        ema_i.mul_(beta1).add_(s, alpha=1 - beta1)
+        ema_u.mul_(beta2).add_((s - ema_i).abs_(), alpha=1 - beta2)
+
+    @torch.no_grad()
+    def update_scores(self, step: int) -> None:
+        """One EMA step of Ī and Ū for every tracked entry (SPEC §4)."""
+        b1, b2 = self.config.beta1, self.config.beta2
+        for name in INNER:
+            s = self._sensitivity([getattr(layer, name) for layer in self.layers])
+            self._check_finite(name, s, step)
+            if name not in self.ema_i:
+                self.ema_i[name] = torch.zeros_like(s)
+                self.ema_u[name] = torch.zeros_like(s)
+            self._ema(self.ema_i[name], self.ema_u[name], s, b1, b2)
+        if self.config.importance != "full":
+            return
+        if not self.outer_i:
+            self.outer_i = [{n: torch.zeros_like(getattr(la, n), dtype=torch.float32) for n in OUTER} for la in self.layers]
+            self.outer_u = [{n: torch.zeros_like(getattr(la, n), dtype=torch.float32) for n in OUTER} for la in self.layers]
+        for idx, layer in enumerate(self.layers):
+            for name in OUTER:
+                p = getattr(layer, name)
+                s = (p.detach().float() * (p.grad.float() if p.grad is not None else 0.0)).abs()
+                if not bool(torch.isfinite(s).all()):
+                    raise FloatingPointError(
+                        f"Non-finite sensitivity of {name} in {self.names[idx]} at step {step}: the loss or its "
+                        "gradients contain NaN/inf; the allocator refuses to build a mask from them."
+                    )
+                self._ema(self.outer_i[idx][name], self.outer_u[idx][name], s, b1, b2)
+
+    def importance(self) -> torch.Tensor:
+        """(M, r) importance of every singular value: reduced (Eq. 9) or full (Eq. 8)."""
+        if not self.ema_i:
+            raise RuntimeError("No sensitivities yet: call update_and_allocate after at least one backward pass.")
+        score = {n: self.ema_i[n] * self.ema_u[n] for n in INNER}
+        imp = score["lam"] + score["p_inner"].mean(dim=1) + score["q_inner"].mean(dim=2)
+        if self.config.importance == "full":
+            k = self.config.k
+            const = torch.stack([
+                sum((self.outer_i[i][n] * self.outer_u[i][n]).sum() for n in OUTER) / k for i in range(len(self.layers))
+            ])
+            imp = imp + const[:, None]
+        return imp
+
+    # -- masks --------------------------------------------------------------------------------
+    def masks(self) -> torch.Tensor:
+        return torch.stack([layer.mask for layer in self.layers])
+
+    @torch.no_grad()
+    def set_masks(self, masks: torch.Tensor) -> None:
+        for layer, row in zip(self.layers, masks, strict=True):
+            layer.mask.copy_(row)
+        self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Pruned singular values get lam = 0 (the forward also multiplies by the mask)."""
+        for layer in self.layers:
+            layer.lam.mul_(layer.mask)
+
+    @torch.no_grad()
+    def mask_to_budget(self, budget: int, step: int) -> None:
+        imp = self.importance()
+        if not bool(torch.isfinite(imp).all()):
+            raise FloatingPointError(f"Non-finite importance score at step {step}; refusing to prune on it.")
+        order = torch.sort(imp.flatten(), descending=True, stable=True).indices
+        keep = torch.zeros(imp.numel(), dtype=self.layers[0].mask.dtype, device=imp.device)
+        keep[order[:budget]] = 1
+        self.set_masks(keep.view_as(imp).to(self.layers[0].mask.device))
+
+    def update_and_allocate(self, step: int) -> int | None:
+        """Run once per optimizer step (after backward, before zero_grad). Returns b(t) or None."""
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ValueError(f"update_and_allocate expects the optimizer step as an integer >= 1, got {step!r}.")
+        if step <= self.step:
+            raise ValueError(
+                f"update_and_allocate(step={step}) after step {self.step}: it must run exactly once per optimizer "
+                "step with increasing step numbers (is it called both in your loop and by LoRA2Callback?)."
+            )
+        self.step = step
+        self.num_updates += 1
+        if not self.prunes:
+            return None
+        phase = self.phase(step)
+        if phase == "final":
+            if int(self.masks().sum().item()) != self.b_target:  # entered the final phase without a last prune
+                self.mask_to_budget(self.b_target, step)
+            self.apply_masks()
+            return self.b_target
+        self.update_scores(step)
+        budget = self.budget(step)
+        if self.is_mask_step(step):
+            self.mask_to_budget(budget, step)
+        return budget
+
+    # -- reporting ----------------------------------------------------------------------------
+    def rank_pattern(self) -> dict[str, dict[str, int]]:
+        """Active singular values and effective rank of Δ per adapted matrix."""
+        return {
+            name: {"active": layer.active_count(), "effective_rank": layer.effective_rank()}
+            for name, layer in zip(self.names, self.layers, strict=True)
+        }
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        """Everything needed to continue identically: step, counters, EMAs and masks."""
+        tensors: dict[str, torch.Tensor] = {"masks": self.masks().detach().clone()}
+        for n, t in self.ema_i.items():
+            tensors[f"ema_i.{n}"] = t.clone()
+            tensors[f"ema_u.{n}"] = self.ema_u[n].clone()
+        for i, (d_i, d_u) in enumerate(zip(self.outer_i, self.outer_u, strict=True)):
+            for n in OUTER:
+                tensors[f"outer_i.{i}.{n}"] = d_i[n].clone()
+                tensors[f"outer_u.{i}.{n}"] = d_u[n].clone()
+        return {"step": self.step, "num_updates": self.num_updates, "names": list(self.names),
+                "importance": self.config.importance, "tensors": tensors}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        names = state.get("names")
+        if names != self.names:
+            raise ValueError("Allocator state was saved for different adapted matrices than this model has.")
+        if state.get("importance") != self.config.importance:
+            raise ValueError(
+                f"Allocator state uses importance={state.get('importance')!r} but the config says "
+                f"{self.config.importance!r}."
+            )
+        tensors: dict[str, torch.Tensor] = state["tensors"]  # type: ignore[assignment]
+        masks = tensors["masks"]
+        if tuple(masks.shape) != (len(self.layers), self.config.r):
+            raise ValueError(f"Allocator masks have shape {tuple(masks.shape)}, expected {(len(self.layers), self.config.r)}.")
+        device = self.layers[0].lam.device
+        self.ema_i = {n: tensors[f"ema_i.{n}"].to(device) for n in INNER if f"ema_i.{n}" in tensors}
+        self.ema_u = {n: tensors[f"ema_u.{n}"].to(device) for n in INNER if f"ema_u.{n}" in tensors}
+        self.outer_i, self.outer_u = [], []
+        if "outer_i.0.p_outer" in tensors:
+            for i in range(len(self.layers)):
+                self.outer_i.append({n: tensors[f"outer_i.{i}.{n}"].to(device) for n in OUTER})
+                self.outer_u.append({n: tensors[f"outer_u.{i}.{n}"].to(device) for n in OUTER})
+        self.step = int(state["step"])  # type: ignore[arg-type]
+        self.num_updates = int(state["num_updates"])  # type: ignore[arg-type]
+        with torch.no_grad():
+            for layer, row in zip(self.layers, masks, strict=True):
+                layer.mask.copy_(row)

@@ -1,0 +1,220 @@
+"""`LoRA2Config`: every knob of the method (SPEC §1–5), validated when it is built.
+
+Errors are raised here, at setup, rather than hours into a run: each names the field and
+what a valid value looks like.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ORTH_TERMS = ("uv", "UV", "PQ")
+IMPORTANCE_KINDS = ("reduced", "full")
+CONFIG_NAME = "lora2_config.json"
+
+# Suffixes of the "ALL" target set (SPEC §7) for architectures users fine-tune most.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": [
+        "query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense",
+    ],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class LoRA2Config:
+    """Configuration of a LoRA² adapter and its rank allocator.
+
+    Paper symbols: ``k`` is K (projection dimension), ``r`` the initial number of singular
+    values per matrix, ``init_warmup``/``final_warmup``/``mask_interval`` are t_init/t_final/Δt,
+    ``orth_reg_weight`` is γ.
+    """
+
+    k: int = field(default=1, metadata={"help": "Projection dimension K of the outer factors (rank cap of Δ)."})
+    r: int = field(default=8, metadata={"help": "Singular values per adapted matrix before pruning."})
+    alpha: float = field(default=32.0, metadata={"help": "Scaling numerator; the update is scaled by alpha / r."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
+    init_std: float = field(default=0.02, metadata={"help": "Std of the Gaussian init of the four factors."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module-name suffixes to adapt, or one regex matched against the full name. "
+            "None: the model type's default (query/key/value/attention-output/FFN)."
+        },
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Module-name suffixes trained in full and saved (e.g. the classifier)."}
+    )
+    target_rank: int | None = field(
+        default=2, metadata={"help": "Average singular values kept per matrix after pruning (bT = target_rank·M)."}
+    )
+    target_total_rank: int | None = field(
+        default=None, metadata={"help": "Total singular values kept over all matrices; overrides target_rank."}
+    )
+    init_warmup: int = field(default=200, metadata={"help": "t_init: optimizer steps before pruning starts."})
+    final_warmup: int = field(default=600, metadata={"help": "t_final: last steps trained with a frozen mask."})
+    mask_interval: int = field(default=10, metadata={"help": "Δt: prune every this many steps."})
+    beta1: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity (Ī)."})
+    beta2: float = field(default=0.85, metadata={"help": "EMA factor of the uncertainty (Ū)."})
+    total_step: int | None = field(
+        default=None, metadata={"help": "T: total optimizer steps; the Trainer callback fills it in."}
+    )
+    orth_reg_weight: float = field(default=0.1, metadata={"help": "γ: weight of the orthogonality regulariser."})
+    orth_terms: list[str] = field(
+        default_factory=lambda: list(ORTH_TERMS),
+        metadata={"help": "Regulariser terms to use: any subset of 'uv', 'UV', 'PQ'."},
+    )
+    importance: str = field(
+        default="reduced", metadata={"help": "'reduced' (paper Eq. 9, default) or 'full' (Eq. 8)."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.orth_terms, str):
+            self.orth_terms = [self.orth_terms]
+        if isinstance(self.orth_terms, tuple):
+            self.orth_terms = list(self.orth_terms)
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        for name in ("k", "r"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"LoRA2Config.{name} must be an integer >= 1, got {value!r}.")
+        for name, low_ok in (("alpha", False), ("init_std", False), ("orth_reg_weight", True)):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0 or (value == 0 and not low_ok):
+                bound = ">= 0" if low_ok else "> 0"
+                raise ValueError(f"LoRA2Config.{name} must be a finite number {bound}, got {value!r}.")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA2Config.dropout must be a number in [0, 1), got {self.dropout!r}.")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 < value < 1:
+                raise ValueError(f"LoRA2Config.{name} must be a number in (0, 1), got {value!r}.")
+        for name in ("init_warmup", "final_warmup"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"LoRA2Config.{name} must be an integer >= 0, got {value!r}.")
+        if not _is_int(self.mask_interval) or self.mask_interval < 1:
+            raise ValueError(f"LoRA2Config.mask_interval must be an integer >= 1, got {self.mask_interval!r}.")
+        if self.target_rank is not None and (not _is_int(self.target_rank) or not 1 <= self.target_rank <= self.r):
+            raise ValueError(
+                f"LoRA2Config.target_rank must be an integer in [1, r={self.r}] or None, got {self.target_rank!r}. "
+                "Use target_rank=r to train without pruning."
+            )
+        if self.target_total_rank is not None and (not _is_int(self.target_total_rank) or self.target_total_rank < 1):
+            raise ValueError(
+                f"LoRA2Config.target_total_rank must be an integer >= 1 or None, got {self.target_total_rank!r}."
+            )
+        if self.total_step is not None:
+            if not _is_int(self.total_step) or self.total_step < 1:
+                raise ValueError(f"LoRA2Config.total_step must be an integer >= 1 or None, got {self.total_step!r}.")
+            self.check_schedule(self.total_step)
+        if not isinstance(self.orth_terms, list) or not all(isinstance(t, str) for t in self.orth_terms):
+            raise ValueError(f"LoRA2Config.orth_terms must be a list of strings, got {self.orth_terms!r}.")
+        unknown = [t for t in self.orth_terms if t not in ORTH_TERMS]
+        if unknown:
+            raise ValueError(
+                f"LoRA2Config.orth_terms has unknown term(s) {unknown}; choose from {list(ORTH_TERMS)} "
+                "(case matters: 'uv' is the input side, 'UV' the output side)."
+            )
+        if len(set(self.orth_terms)) != len(self.orth_terms):
+            raise ValueError(f"LoRA2Config.orth_terms lists a term twice: {self.orth_terms!r}.")
+        if self.importance not in IMPORTANCE_KINDS:
+            raise ValueError(
+                f"LoRA2Config.importance must be one of {list(IMPORTANCE_KINDS)}, got {self.importance!r}."
+            )
+        self._check_names("target_modules", self.target_modules, allow_regex=True)
+        self._check_names("modules_to_save", self.modules_to_save, allow_regex=False)
+
+    @staticmethod
+    def _check_names(name: str, value: Any, allow_regex: bool) -> None:
+        if value is None:
+            return
+        if isinstance(value, str):
+            if not allow_regex:
+                raise ValueError(f"LoRA2Config.{name} must be a list of module-name suffixes, got the string {value!r}.")
+            if not value:
+                raise ValueError(f"LoRA2Config.{name} must not be an empty string.")
+            return
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            kind = "a non-empty list of non-empty strings" + (" or one regex string" if allow_regex else "")
+            raise ValueError(f"LoRA2Config.{name} must be {kind}, got {value!r}.")
+
+    def check_schedule(self, total_step: int) -> None:
+        """SPEC §5: the pruning phase must exist, i.e. T > t_init + t_final."""
+        if total_step <= self.init_warmup + self.final_warmup:
+            raise ValueError(
+                f"LoRA2Config.total_step={total_step} leaves no pruning phase: it must exceed "
+                f"init_warmup + final_warmup = {self.init_warmup} + {self.final_warmup} = "
+                f"{self.init_warmup + self.final_warmup}. Train longer or shrink the warm-up phases."
+            )
+
+    # -- derived values -----------------------------------------------------------------------
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r (SPEC §2)."""
+        return self.alpha / self.r
+
+    def budgets(self, num_matrices: int) -> tuple[int, int]:
+        """(b0, bT): initial and target count of active singular values over all matrices."""
+        b0 = self.r * num_matrices
+        b_target = self.target_total_rank if self.target_total_rank is not None else (self.target_rank or self.r) * num_matrices
+        if b_target > b0:
+            raise ValueError(
+                f"LoRA2Config.target_total_rank={b_target} exceeds the initial budget r·M = {self.r}·{num_matrices} = {b0}."
+            )
+        return b0, b_target
+
+    # -- JSON round trip ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoRA2Config:
+        if not isinstance(data, dict):
+            raise ValueError(f"A LoRA2Config must be built from a JSON object, got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown LoRA2Config field(s) {unknown}; valid fields are {sorted(known)}.")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> LoRA2Config:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"No LoRA² config at {path}: is this a directory written by save_pretrained?") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); the file may be truncated or corrupted.") from None
+        if isinstance(data, dict) and data.get("library") == "lora2":  # an adapter file: config plus metadata
+            data = data.get("config")
+        return cls.from_dict(data)
