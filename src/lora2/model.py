@@ -351,7 +351,15 @@ class LoRA2Model(nn.Module):
         if not isinstance(meta, dict) or meta.get("library") != "lora2" or "config" not in meta:
             raise ValueError(f"{directory / CONFIG_NAME} is not a LoRA² adapter config.")
         config = LoRA2Config.from_dict(meta["config"])
-        wrapped = cls(model, config)
+        try:
+            wrapped = cls(model, config)
+        except (ValueError, TypeError) as err:
+            trained_on = meta.get("base_model_class")
+            if trained_on and trained_on != type(model).__name__:
+                raise ValueError(
+                    f"The adapter in {directory} was trained on a {trained_on}, not {type(model).__name__}: {err}"
+                ) from err
+            raise
         wrapped.load_adapter_state(read_tensors(directory / WEIGHTS_NAME), source=f"adapter in {directory}")
         if not is_trainable:
             for param in wrapped.parameters():

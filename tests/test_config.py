@@ -1,0 +1,71 @@
+"""LoRA2Config: defaults, validation naming the field, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora2 import LoRA2Config
+
+
+def test_defaults_are_the_papers():
+    cfg = LoRA2Config()
+    assert (cfg.k, cfg.r, cfg.alpha, cfg.beta1, cfg.beta2, cfg.importance) == (1, 8, 32.0, 0.85, 0.85, "reduced")
+    assert cfg.orth_terms == ["uv", "UV", "PQ"]
+    assert cfg.scaling == 4.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("k", 0), ("k", -1), ("k", 1.5), ("k", True), ("r", 0), ("r", "8"),
+        ("alpha", 0), ("alpha", float("nan")), ("dropout", 1.0), ("dropout", -0.1), ("init_std", 0),
+        ("target_rank", 9), ("target_rank", 0), ("target_total_rank", 0),
+        ("init_warmup", -1), ("final_warmup", 2.0), ("mask_interval", 0),
+        ("beta1", 1.0), ("beta2", 0.0), ("total_step", 0), ("orth_reg_weight", -0.1),
+        ("orth_terms", ["uv", "pq"]), ("orth_terms", ["uv", "uv"]), ("importance", "fast"),
+        ("target_modules", []), ("target_modules", [""]), ("modules_to_save", "classifier"),
+    ],
+)
+def test_invalid_value_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"LoRA2Config\.{field}"):
+        LoRA2Config(**{field: value})
+
+
+def test_schedule_without_pruning_phase_is_rejected_at_setup():
+    with pytest.raises(ValueError, match="no pruning phase"):
+        LoRA2Config(init_warmup=200, final_warmup=600, total_step=800)
+    assert LoRA2Config(init_warmup=200, final_warmup=600, total_step=801).total_step == 801
+
+
+def test_target_total_rank_larger_than_initial_budget_is_rejected():
+    cfg = LoRA2Config(r=4, target_total_rank=100)
+    with pytest.raises(ValueError, match="exceeds the initial budget"):
+        cfg.budgets(10)
+    assert cfg.budgets(25) == (100, 100)
+    assert LoRA2Config(r=8, target_rank=2).budgets(36) == (288, 72)
+
+
+def test_json_round_trip(tmp_path):
+    cfg = LoRA2Config(k=2, r=6, target_rank=3, target_modules="layer\\.\\d+\\.attention\\..*", orth_terms=["PQ"],
+                      importance="full", total_step=5000, modules_to_save=["classifier"])
+    path = tmp_path / "c.json"
+    path.write_text(cfg.to_json_string())
+    again = LoRA2Config.from_json_file(path)
+    assert again == cfg
+    assert json.loads(path.read_text())["importance"] == "full"
+
+
+def test_unknown_json_field_is_named(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"k": 1, "rank": 4}))
+    with pytest.raises(ValueError, match=r"Unknown LoRA2Config field\(s\) \['rank'\]"):
+        LoRA2Config.from_json_file(path)
+
+
+def test_truncated_json_gives_clear_error(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"k": 1, "r"')
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        LoRA2Config.from_json_file(path)

@@ -1,0 +1,210 @@
+"""LoRA2Model: targeting, freezing, pass-through, merge, save/load — on BERT, Llama and GPT-2 (Conv1D)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lora2 import LoRA2Config, LoRA2Layer, LoRA2Model, get_lora2_model
+from lora2.persistence import WEIGHTS_NAME
+
+from .conftest import BERT_TARGETS, LLAMA_TARGETS, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+
+ARCHS = {
+    "bert": (tiny_bert, BERT_TARGETS, ["classifier"], 12),
+    "llama": (tiny_llama, LLAMA_TARGETS, None, 14),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], None, 8),
+}
+
+
+def inputs_for(arch: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(3)
+    ids = torch.randint(0, 120, (2, 11))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def build(arch: str, seed: int = 0, **overrides) -> tuple[nn.Module, LoRA2Model]:
+    make, targets, save, _ = ARCHS[arch]
+    base = make(seed=seed)
+    reference = make(seed=seed)
+    fields = {"k": 2, "r": 4, "target_rank": 4, "target_modules": targets, "modules_to_save": save}
+    cfg = LoRA2Config(**{**fields, **overrides})
+    return reference, get_lora2_model(base, cfg)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_targets_are_replaced_and_everything_else_frozen(arch):
+    _, model = build(arch)
+    assert len(model.lora2_layers) == ARCHS[arch][3]
+    if arch == "gpt2":
+        assert all(isinstance(la.base_layer, Conv1D) for la in model.lora2_layers.values())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapter = {n for n in trainable if n.rsplit(".", 1)[-1] in {"p_outer", "p_inner", "lam", "q_inner", "q_outer"}}
+    assert len(adapter) == 5 * ARCHS[arch][3]
+    assert trainable - adapter == ({"base_model.classifier.weight", "base_model.classifier.bias"}
+                                   if arch == "bert" else set())
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_output_equals_base_at_step_zero(arch):
+    reference, model = build(arch)
+    batch = inputs_for(arch)
+    assert torch.equal(model(**batch).logits, reference(**batch).logits)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_merge_and_unload_is_exact(arch):
+    reference, model = build(arch)
+    randomize_adapters(model, std=0.2)
+    batch = inputs_for(arch)
+    unmerged = model(**batch).logits
+    assert (unmerged - reference(**batch).logits).abs().max() > 1e-4
+    model.merge()
+    torch.testing.assert_close(model(**batch).logits, unmerged, rtol=1e-5, atol=1e-5)
+    model.unmerge()
+    torch.testing.assert_close(model(**batch).logits, unmerged, rtol=1e-5, atol=1e-5)
+    plain = model.merge_and_unload()
+    assert type(plain) is type(reference)
+    assert not any(isinstance(m, LoRA2Layer) for m in plain.modules())
+    assert set(plain.state_dict()) == set(reference.state_dict())
+    torch.testing.assert_close(plain(**batch).logits, unmerged, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="unloaded"):
+        model(**batch)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_save_and_load_round_trip(arch, tmp_path):
+    _, model = build(arch)
+    randomize_adapters(model)
+    with torch.no_grad():
+        next(iter(model.lora2_layers.values())).mask[1] = 0
+    if arch == "bert":
+        with torch.no_grad():
+            model.base_model.classifier.weight.add_(1.0)
+    model.eval()
+    batch = inputs_for(arch)
+    expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora2_adapter.safetensors", "lora2_config.json"]
+    fresh_base, _ = build(arch)
+    loaded = LoRA2Model.from_pretrained(fresh_base, tmp_path)
+    torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=0)
+    assert loaded.rank_pattern() == model.rank_pattern()
+    assert not any(p.requires_grad for p in loaded.parameters())
+    trainable = LoRA2Model.from_pretrained(build(arch)[0], tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
+    meta = json.loads((tmp_path / "lora2_config.json").read_text())
+    assert meta["config"]["k"] == 2 and meta["rank_pattern"][next(iter(model.lora2_layers))]["active"] == 3
+
+
+def test_generate_passes_through():
+    _, model = build("llama")
+    randomize_adapters(model, std=0.1)
+    ids = torch.randint(0, 128, (1, 5))
+    out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+    merged = model.merge_and_unload()
+    assert torch.equal(merged.generate(input_ids=ids, max_new_tokens=4, do_sample=False), out)
+
+
+def test_attribute_access_and_config_pass_through():
+    _, model = build("bert")
+    assert model.config.model_type == "bert"
+    assert model.num_labels == 2
+    assert model.lora2_config.k == 2
+    assert model.get_base_model() is model.base_model
+
+
+def test_disable_adapter_gives_the_base_output():
+    reference, model = build("bert")
+    randomize_adapters(model)
+    batch = inputs_for("bert")
+    with model.disable_adapter():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+    assert (model(**batch).logits - reference(**batch).logits).abs().max() > 1e-4
+
+
+def test_no_matching_target_lists_what_the_model_has():
+    with pytest.raises(ValueError, match=r"matched no module of BertForSequenceClassification") as err:
+        get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["q_proj"]))
+    assert "'query'" in str(err.value) and "'dense'" in str(err.value)
+
+
+def test_regex_target_matches_full_names():
+    model = get_lora2_model(tiny_bert(), LoRA2Config(target_modules=r".*layer\.0\.attention\.self\.(query|value)"))
+    assert sorted(model.lora2_layers) == ["bert.encoder.layer.0.attention.self.query",
+                                          "bert.encoder.layer.0.attention.self.value"]
+
+
+def test_unsupported_module_type_is_rejected():
+    with pytest.raises(TypeError, match=r"'bert.embeddings.word_embeddings', a Embedding"):
+        get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["word_embeddings"]))
+
+
+def test_partially_unmatched_targets_warn():
+    with pytest.warns(UserWarning, match=r"\['q_proj'\] matched no module"):
+        get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["query", "q_proj"]))
+
+
+def test_unknown_modules_to_save_is_rejected():
+    with pytest.raises(ValueError, match=r"modules_to_save \['head'\] matched no module"):
+        get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["query"], modules_to_save=["head"]))
+
+
+def test_wrapping_twice_is_rejected():
+    _, model = build("bert")
+    with pytest.raises(ValueError, match="already has LoRA"):
+        get_lora2_model(model, LoRA2Config(target_modules=["query"]))
+
+
+def test_loading_onto_a_different_shape_is_a_clear_error(tmp_path):
+    _, model = build("bert")
+    model.save_pretrained(tmp_path)
+    bigger = tiny_bert(num_labels=3)
+    with pytest.raises(ValueError, match=r"Shape mismatch for classifier.weight.*\(2, 48\).*\(3, 48\)"):
+        LoRA2Model.from_pretrained(bigger, tmp_path)
+    with pytest.raises(ValueError, match="trained on a BertForSequenceClassification, not LlamaForCausalLM"):
+        LoRA2Model.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_corrupted_weights_fail_to_load(tmp_path):
+    _, model = build("bert")
+    model.save_pretrained(tmp_path)
+    data = (tmp_path / WEIGHTS_NAME).read_bytes()
+    (tmp_path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated, corrupted"):
+        LoRA2Model.from_pretrained(tiny_bert(), tmp_path)
+
+
+def test_saving_leaves_no_temporary_files(tmp_path):
+    _, model = build("gpt2")
+    model.save_pretrained(tmp_path / "out")
+    model.save_pretrained(tmp_path / "out")  # overwrite in place
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora2_adapter.safetensors", "lora2_config.json"]
+
+
+def test_forgotten_allocator_is_loud():
+    _, model = build("bert", target_rank=2, total_step=1000, init_warmup=10, final_warmup=10)
+    model.train()
+    batch = {**inputs_for("bert"), "labels": torch.tensor([0, 1])}
+    with pytest.warns(RuntimeWarning, match="update_and_allocate\\(\\) was never called"):
+        for _ in range(200):
+            model(**batch)
+    randomize_adapters(model)
+    with pytest.warns(RuntimeWarning, match="never ran"):
+        model.save_pretrained("/tmp/lora2-never-ran-test")
+
+
+def test_no_warning_when_pruning_is_off():
+    _, model = build("bert")
+    model.train()
+    batch = {**inputs_for("bert"), "labels": torch.tensor([0, 1])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(210):
+            model(**batch)
