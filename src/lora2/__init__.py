@@ -2,12 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .allocator import RankAllocator  # noqa: E402
-from .config import LoRA2Config  # noqa: E402
-from .layer import LoRA2Layer  # noqa: E402
-from .model import LoRA2Model, get_lora2_model  # noqa: E402
-from .regularizer import orth_regularization  # noqa: E402
-from .trainer import LoRA2Callback, LoRA2Trainer  # noqa: E402
+from .allocator import RankAllocator
+from .config import LoRA2Config
+from .layer import LoRA2Layer
+from .model import LoRA2Model, get_lora2_model
+from .regularizer import orth_regularization
+from .trainer import LoRA2Callback, LoRA2Trainer
 
 __all__ = [
     "LoRA2Callback",

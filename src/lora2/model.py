@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import re
 import warnings
@@ -55,8 +56,33 @@ def _linear_names(model: nn.Module, limit: int = 8) -> str:
     return shown + (", ..." if len(short) > limit else "") if shown else "(none: the model has no Linear/Conv1D layer)"
 
 
+class _ForwardWithBaseSignature:
+    """``LoRA2Model.forward`` advertises the wrapped model's signature, so tools that inspect it
+    (🤗 Trainer's column filtering, pipelines) see ``input_ids``, ``labels``... and not ``*args``."""
+
+    def __get__(self, obj: LoRA2Model | None, objtype: type | None = None) -> Any:
+        if obj is None:  # class-level inspection (Trainer's find_labels): the common HF signature
+            return _class_level_forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return obj._forward(*args, **kwargs)
+
+        forward.__signature__ = obj._forward_signature  # type: ignore[attr-defined]
+        forward.__doc__ = LoRA2Model._forward.__doc__
+        return forward
+
+
+def _class_level_forward(self: LoRA2Model, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+    """Run the wrapped model; add γ·R to its loss whenever it computes one (SPEC §3)."""
+    if labels is not None:
+        kwargs["labels"] = labels
+    return self._forward(*args, **kwargs)
+
+
 class LoRA2Model(nn.Module):
     """A model with LoRA² adapters; attribute access falls through to the wrapped model."""
+
+    forward = _ForwardWithBaseSignature()
 
     def __init__(self, model: nn.Module, config: LoRA2Config) -> None:
         super().__init__()
@@ -73,6 +99,7 @@ class LoRA2Model(nn.Module):
             config.target_modules = list(DEFAULT_TARGET_MODULES[model_type])
         self.base_model = model
         self.lora2_config = config
+        self._forward_signature = inspect.signature(model.forward)
         self.modules_to_save_names = self._find_modules_to_save()
         self.lora2_layers: dict[str, LoRA2Layer] = {}
         self._inject()
@@ -161,7 +188,8 @@ class LoRA2Model(nn.Module):
         """R of SPEC §3 (mean over adapted matrices of the enabled terms), not yet multiplied by γ."""
         return orth_regularization(self.lora2_layers.values(), self.lora2_config.orth_terms)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model; add γ·R to its loss whenever it computes one (SPEC §3)."""
         self._check_usable()
         if self.training and torch.is_grad_enabled():
             self._note_training_forward()
@@ -265,12 +293,12 @@ class LoRA2Model(nn.Module):
             raise RuntimeError("This LoRA2Model was unloaded by merge_and_unload(); use the model it returned.")
 
     def _warn_if_never_allocated(self, action: str) -> None:
-        if self.allocator.prunes and self.allocator.num_updates == 0:
+        if self.allocator.prunes and int(self.allocator.masks().sum().item()) == self.allocator.b0:
             trained = any(bool(layer.lam.detach().abs().sum() > 0) for layer in self.lora2_layers.values())
             if trained:
                 warnings.warn(
-                    f"{action}: this adapter was trained but update_and_allocate() never ran, so no singular value "
-                    "was pruned although target_rank/target_total_rank asks for it.",
+                    f"{action}: this adapter was trained but no singular value is pruned (update_and_allocate() never "
+                    "ran past the warm-up) although target_rank/target_total_rank asks for pruning.",
                     RuntimeWarning,
                     stacklevel=3,
                 )

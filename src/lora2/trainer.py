@@ -6,7 +6,6 @@ callback list and reads the dataset columns from the wrapped model's forward sig
 
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import find_labels
 
 from .model import LoRA2Model
 from .persistence import ALLOCATOR_STATE_NAME, load_allocator_state, save_allocator_state
@@ -42,7 +42,7 @@ class LoRA2Callback(TrainerCallback):
         self._updates_at_start = 0
         self._step_at_start = 0
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         lora2_model = find_lora2_model(model)
         cfg = lora2_model.lora2_config
         total = int(state.max_steps)
@@ -67,11 +67,11 @@ class LoRA2Callback(TrainerCallback):
         self._updates_at_start = lora2_model.allocator.num_updates
         self._step_at_start = state.global_step
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # global_step is incremented after this event, so the step just taken is global_step + 1.
         find_lora2_model(model).update_and_allocate(state.global_step + 1)
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):  # noqa: ANN001
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None:
             return
         lora2_model = find_lora2_model(model)
@@ -84,13 +84,13 @@ class LoRA2Callback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
 
-    def on_save(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+    def on_save(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero:
             return
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         save_allocator_state(checkpoint, find_lora2_model(model).allocator.state_dict())
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         lora2_model = find_lora2_model(model)
         ran = lora2_model.allocator.num_updates - self._updates_at_start
         expected = state.global_step - self._step_at_start
@@ -103,16 +103,12 @@ class LoRA2Callback(TrainerCallback):
 
 
 class LoRA2Trainer(Trainer):
-    """A ``Trainer`` for LoRA2Model: installs ``LoRA2Callback`` (first, so every logger sees its values)
-    and keeps the dataset columns the wrapped model's forward accepts."""
+    """A ``Trainer`` for LoRA2Model that installs ``LoRA2Callback`` first in the callback list, so
+    every logger and reporting integration sees the LoRA² values."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.label_names is None:
+            self.label_names = find_labels(type(find_lora2_model(self.model).base_model))
         if not any(isinstance(cb, LoRA2Callback) for cb in self.callback_handler.callbacks):
             self.callback_handler.callbacks.insert(0, LoRA2Callback())
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            base = find_lora2_model(self.model).base_model
-            params = list(inspect.signature(base.forward).parameters)
-            self._signature_columns = list(dict.fromkeys(params + ["label", "label_ids", *self.label_names]))

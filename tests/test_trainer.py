@@ -1,0 +1,114 @@
+"""🤗 Trainer integration: one allocator step per optimizer step, logs, checkpointed state, resume."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from lora2 import LoRA2Callback, LoRA2Config, LoRA2Trainer, get_lora2_model
+from lora2.persistence import ALLOCATOR_STATE_NAME, load_allocator_state
+
+from .conftest import BERT_TARGETS, tiny_bert
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, 120, (n, 10), generator=gen)
+        self.labels = (self.ids[:, 0] > 60).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": self.labels[i]}
+
+
+def lora2_model():
+    cfg = LoRA2Config(k=2, r=4, target_rank=1, init_warmup=4, final_warmup=8, mask_interval=2,
+                      target_modules=BERT_TARGETS, modules_to_save=["classifier"])
+    return get_lora2_model(tiny_bert(), cfg)
+
+
+def args(tmp_path, **kw) -> TrainingArguments:
+    base = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+            "max_steps": 24, "learning_rate": 5e-3, "logging_steps": 4, "save_steps": 12, "report_to": [],
+            "use_cpu": True, "seed": 0, "disable_tqdm": True, "lr_scheduler_type": "constant"}
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def test_callback_runs_the_allocator_once_per_optimizer_step(tmp_path):
+    model = lora2_model()
+    trainer = Trainer(model=model, args=args(tmp_path), train_dataset=ToyDataset(), callbacks=[LoRA2Callback()])
+    assert trainer.label_names == ["labels"]  # found through LoRA2Model.forward, so evaluation gets labels
+    trainer.train()
+    alloc = model.allocator
+    assert model.lora2_config.total_step == 24  # taken from the trainer
+    assert (alloc.num_updates, alloc.step) == (24, 24)  # 48 micro-batches, 24 optimizer steps
+    assert alloc.masks().sum().item() == alloc.b_target == 12
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("lora2_orth_reg" in h and "lora2_active_sv" in h for h in logged)
+    assert logged[-1]["lora2_budget"] == 12
+    for step in (12, 24):
+        state = load_allocator_state(tmp_path / f"checkpoint-{step}")
+        assert state["step"] == step
+    assert torch.equal(load_allocator_state(tmp_path / "checkpoint-24")["tensors"]["masks"], alloc.masks())
+
+
+def test_lora2_trainer_keeps_the_columns_the_wrapped_model_accepts(tmp_path):
+    toy = ToyDataset(32)
+    rows = {"input_ids": toy.ids.tolist(), "attention_mask": [[1] * 10] * 32, "labels": toy.labels.tolist(),
+            "sentence": ["unused text column"] * 32}
+    model = lora2_model()
+    trainer = LoRA2Trainer(model=model, args=args(tmp_path, max_steps=14, save_steps=100),
+                           train_dataset=datasets.Dataset.from_dict(rows))
+    assert isinstance(trainer.callback_handler.callbacks[0], LoRA2Callback)
+    trainer.train()
+    assert model.allocator.num_updates == 14
+    assert model.allocator.masks().sum().item() == 12
+
+
+def test_schedule_errors_are_caught_before_training(tmp_path):
+    model = lora2_model()
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=12), train_dataset=ToyDataset(),
+                      callbacks=[LoRA2Callback()])
+    with pytest.raises(ValueError, match="no pruning phase"):
+        trainer.train()
+    assert model.allocator.num_updates == 0
+
+
+def test_calling_the_allocator_twice_per_step_is_refused(tmp_path):
+    model = lora2_model()
+    trainer = Trainer(model=model, args=args(tmp_path), train_dataset=ToyDataset(),
+                      callbacks=[LoRA2Callback(), LoRA2Callback()])
+    with pytest.raises(ValueError, match="exactly once per optimizer step"):
+        trainer.train()
+
+
+def test_resume_from_checkpoint_continues_identically(tmp_path):
+    torch.manual_seed(0)
+    full = lora2_model()
+    Trainer(model=full, args=args(tmp_path / "full"), train_dataset=ToyDataset(),
+            callbacks=[LoRA2Callback()]).train()
+
+    torch.manual_seed(0)
+    first = lora2_model()
+    Trainer(model=first, args=args(tmp_path / "cut", max_steps=24), train_dataset=ToyDataset(),
+            callbacks=[LoRA2Callback()]).train(resume_from_checkpoint=None)
+    # a fresh process resumes from the step-12 checkpoint (mid pruning phase: steps 5..16)
+    resumed = lora2_model()
+    trainer = Trainer(model=resumed, args=args(tmp_path / "cut"), train_dataset=ToyDataset(),
+                      callbacks=[LoRA2Callback()])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-12"))
+    assert resumed.allocator.step == 24
+    assert torch.equal(resumed.allocator.masks(), full.allocator.masks())
+    assert resumed.rank_pattern() == full.rank_pattern()
+    for key, value in full.adapter_state_dict().items():
+        torch.testing.assert_close(resumed.adapter_state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    meta = json.loads((tmp_path / "cut" / "checkpoint-12" / ALLOCATOR_STATE_NAME).read_text())
+    assert meta["step"] == 12
