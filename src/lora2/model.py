@@ -333,6 +333,7 @@ class LoRA2Model(nn.Module):
             "base_model_name_or_path": getattr(base_cfg, "_name_or_path", None) or None,
             "base_model_class": type(self.base_model).__name__,
             "adapted_modules": list(self.lora2_layers),
+            "fan_in_fan_out": {name: layer.fan_in_fan_out for name, layer in self.lora2_layers.items()},
             "modules_to_save": self.modules_to_save_names,
             "rank_pattern": self.rank_pattern(),
             "allocator_step": self.allocator.step,

@@ -1,0 +1,67 @@
+"""The paper's Fig. 3: active singular values per layer (columns) and matrix type (rows)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..persistence import atomic_write  # noqa: E402
+
+# Friendly row labels for the usual module names (anything else keeps its own name).
+MATRIX_LABELS = {
+    "attention.self.query": "Q", "attention.self.key": "K", "attention.self.value": "V",
+    "attention.self.query_proj": "Q", "attention.self.key_proj": "K", "attention.self.value_proj": "V",
+    "attention.output.dense": "O", "intermediate.dense": "FF.W1", "output.dense": "FF.W2",
+    "self_attn.q_proj": "Q", "self_attn.k_proj": "K", "self_attn.v_proj": "V", "self_attn.o_proj": "O",
+    "mlp.gate_proj": "FF.gate", "mlp.up_proj": "FF.up", "mlp.down_proj": "FF.down",
+    "attn.c_attn": "QKV", "attn.c_proj": "O", "mlp.c_fc": "FF.W1", "mlp.c_proj": "FF.W2",
+}
+
+
+def pattern_grid(pattern: dict[str, int]) -> tuple[list[str], list[int], np.ndarray]:
+    """(row labels, layer indices, counts[row, layer]) from {module name: active count}."""
+    cells: dict[tuple[str, int], int] = {}
+    for name, count in pattern.items():
+        match = re.search(r"\.(\d+)\.(.+)$", name)
+        if not match:
+            continue
+        layer, kind = int(match.group(1)), match.group(2)
+        cells[(MATRIX_LABELS.get(kind, kind), layer)] = count
+    if not cells:
+        raise ValueError("No layer index found in the adapted module names; cannot draw a per-layer heatmap.")
+    rows = list(dict.fromkeys(label for label, _ in cells))
+    layers = sorted({layer for _, layer in cells})
+    grid = np.full((len(rows), len(layers)), np.nan)
+    for (label, layer), count in cells.items():
+        grid[rows.index(label), layers.index(layer)] = count
+    return rows, layers, grid
+
+
+def save_heatmap(pattern: dict[str, int], path: str | Path, title: str, vmax: int | None = None) -> Path:
+    """Write the heatmap PNG atomically; cells are annotated with their counts."""
+    rows, layers, grid = pattern_grid(pattern)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(layers) + 2), max(2.5, 0.45 * len(rows) + 1.2)))
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax if vmax is not None else np.nanmax(grid), aspect="auto")
+    ax.set_xticks(range(len(layers)), [str(layer + 1) for layer in layers])
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("layer")
+    for i in range(len(rows)):
+        for j in range(len(layers)):
+            if not np.isnan(grid[i, j]):
+                value = int(grid[i, j])
+                bright = vmax is not None and value > 0.6 * vmax
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color="black" if bright else "white")
+    total = int(np.nansum(grid))
+    ax.set_title(f"{title}\nactive singular values: {total}", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path

@@ -1,0 +1,226 @@
+"""GLUE pipeline: data loading per task, metrics, clear data errors, and the CLI end to end per
+task and per method (a few steps on real rows, a tiny model, offline)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from lora2.cli import main
+from lora2.glue import GlueDataError, get_task, load_split, read_tsv
+from lora2.glue.metrics import compute_metrics
+
+from .conftest import REPO
+
+EXPECTED_ROWS = {("cola", "train"): 8551, ("cola", "dev"): 1043, ("sst2", "train"): 67349, ("sst2", "dev"): 872,
+                 ("mrpc", "train"): 3668, ("mrpc", "dev"): 408, ("stsb", "train"): 5749, ("stsb", "dev"): 1500,
+                 ("rte", "train"): 2490, ("rte", "dev"): 277, ("qnli", "dev"): 5463}
+
+
+@pytest.mark.parametrize(("task", "split"), list(EXPECTED_ROWS))
+def test_every_shared_file_loads_with_its_row_count(glue_dir, task, split):
+    examples = read_tsv(task, split, glue_dir)
+    assert len(examples) == EXPECTED_ROWS[(task, split)]  # the counts SOURCES.md gives
+    spec = get_task(task)
+    assert all(len(e.texts) == len(spec.text_columns) and all(e.texts) for e in examples[:50])
+    if spec.is_regression:
+        assert all(0.0 <= e.label <= 5.0 for e in examples)
+    else:
+        assert {e.label for e in examples} == set(range(spec.num_labels))
+
+
+def test_label_mapping_follows_the_hub_dataset(glue_dir):
+    first = read_tsv("rte", "train", glue_dir)[0]
+    assert first.label == 1  # "not_entailment" is class 1 in nyu-mll/glue
+    assert read_tsv("qnli", "dev", glue_dir)[1].label == 1
+
+
+@pytest.fixture(scope="module")
+def extra_glue(glue_dir, tmp_path_factory) -> Path:
+    """The shared layout plus MNLI, QQP and QNLI-train files built from real rows (they are not shipped)."""
+    root = tmp_path_factory.mktemp("glue")
+    for name in ("CoLA", "SST-2", "MRPC", "STS-B", "RTE", "QNLI"):
+        (root / name).mkdir()
+        for split in ("train", "dev"):
+            src = glue_dir / name / f"{split}.tsv"
+            if src.exists():
+                with open(src, encoding="utf-8") as fh:
+                    lines = [next(fh) for _ in range(61)] if name != "CoLA" else fh.readlines()[:60]
+                (root / name / f"{split}.tsv").write_text("".join(lines), encoding="utf-8")
+    shutil.copy(root / "QNLI" / "dev.tsv", root / "QNLI" / "train.tsv")
+    rte = read_tsv("rte", "dev", glue_dir)[:60]
+    labels = ["entailment", "neutral", "contradiction"]
+    (root / "MNLI").mkdir()
+    head = "index\tpromptID\tpairID\tgenre\tsentence1\tsentence2\tlabel1\tgold_label\n"
+    rows = "".join(f"{i}\t{i}\t{i}\tfiction\t{e.texts[0]}\t{e.texts[1]}\tx\t{labels[i % 3]}\n" for i, e in enumerate(rte))
+    for split in ("train", "dev_matched", "dev_mismatched"):
+        (root / "MNLI" / f"{split}.tsv").write_text(head + rows, encoding="utf-8")
+    (root / "QQP").mkdir()
+    head = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+    rows = "".join(f"{i}\t{2 * i}\t{2 * i + 1}\t{e.texts[0]}\t{e.texts[1]}\t{i % 2}\n" for i, e in enumerate(rte))
+    for split in ("train", "dev"):
+        (root / "QQP" / f"{split}.tsv").write_text(head + rows, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(minilm_path, tmp_path_factory) -> str:
+    """A 2-layer BERT with MiniLM's tokenizer: real tokenisation, fast steps."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def run_cli(tmp_path, model, data_dir, task, method="lora2", *extra):
+    out = tmp_path / f"{task}-{method}"
+    argv = ["glue", "--task", task, "--method", method, "--model", model, "--data-dir", str(data_dir),
+            "--output-dir", str(out), "--max-steps", "6", "--batch-size", "8", "--max-length", "48",
+            "--max-train-samples", "48", "--max-eval-samples", "40", "--eval-steps", "3", "--init-warmup", "1",
+            "--final-warmup", "2", "--mask-interval", "1", "--no-progress", *extra]
+    assert main(argv) == 0
+    return json.loads((out / "results.json").read_text()), out
+
+
+@pytest.mark.parametrize("task", ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"])
+def test_cli_runs_every_task(task, tmp_path, tiny_model_dir, extra_glue):
+    results, out = run_cli(tmp_path, tiny_model_dir, extra_glue, task)
+    spec = get_task(task)
+    assert results["task"] == task and results["steps"] == 6
+    assert [h["step"] for h in results["eval_history"]] == [3, 6]
+    expected_keys = {"mnli": {"accuracy_matched", "accuracy_mismatched"}, "stsb": {"pearson", "spearman"},
+                     "cola": {"mcc"}, "mrpc": {"accuracy", "f1"}, "qqp": {"accuracy", "f1"}}
+    assert set(results["final"]) == expected_keys.get(task, {"accuracy"})
+    assert spec.main_metric in results["best"]
+    assert results["best"][spec.main_metric] == max(h[spec.main_metric] for h in results["eval_history"])
+    assert sum(results["active_ranks"].values()) == 2 * 12  # target_rank 2 × 12 matrices at the end
+    assert (out / "heatmap.png").stat().st_size > 1000
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert any("loss" in entry for entry in log) and any("eval" in entry for entry in log)
+
+
+@pytest.mark.parametrize("method", ["lora2", "lora", "adalora", "sora", "bitfit", "full"])
+def test_cli_runs_every_method(method, tmp_path, tiny_model_dir, glue_dir):
+    results, out = run_cli(tmp_path, tiny_model_dir, glue_dir, "rte", method, "--lora-r", "2", "--adalora-init-r",
+                           "4", "--adalora-target-r", "2", "--sora-r", "4", "--sora-lambda", "500")
+    head = 32 * 2 + 2  # the classifier, trainable for every method (BERT's pooler belongs to the backbone)
+    shapes = [(32, 32)] * 4 + [(32, 64), (64, 32)]  # Q K V O F1 F2 (d_in, d_out), 2 layers
+    expected = {
+        "lora2": head + 2 * sum(i + 3 * 8 + o for i, o in shapes),  # k=1, r=8
+        "lora": head + 2 * sum(2 * (i + o) for i, o in shapes),  # r=2
+        "adalora": head + 2 * sum(4 * (i + o) + 4 for i, o in shapes),  # init_r=4: A, B, E
+        "sora": head + 2 * sum(4 * (i + o) + 4 for i, o in shapes),  # r=4: A, B, gate
+    }
+    if method in expected:
+        assert results["trainable_params"] == expected[method]
+    if method == "adalora":  # update_and_allocate really ran: ranks left their initial value
+        ranks = results["active_ranks"]
+        assert sum(ranks.values()) == 2 * 12 and len(set(ranks.values())) > 1
+        assert (out / "heatmap.png").exists()
+    if method == "sora":  # the proximal step zeroed gates
+        assert sum(results["active_ranks"].values()) < 4 * 12
+    if method == "bitfit":
+        assert results["trainable_params"] < 2_000
+    assert (out / "adapter").is_dir() and any((out / "adapter").iterdir())
+    assert results["steps_per_s"] > 0 and results["peak_memory_mb"] > 0
+
+
+def test_metrics_follow_the_glue_definitions():
+    cola, mrpc, stsb = get_task("cola"), get_task("mrpc"), get_task("stsb")
+    labels = np.array([1, 0, 1, 1, 0, 1])
+    logits = np.array([[0, 1], [1, 0], [1, 0], [0, 1], [0, 1], [0, 1]], dtype=float)  # preds 1 0 0 1 1 1
+    tp, tn, fp, fn = 3, 1, 1, 1
+    mcc = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert compute_metrics(cola, logits, labels)["mcc"] == pytest.approx(mcc)
+    assert compute_metrics(mrpc, logits, labels) == pytest.approx({"accuracy": 4 / 6, "f1": 2 * 3 / (2 * 3 + 1 + 1)})
+    scores = np.array([0.5, 1.0, 2.5, 4.0])
+    gold = np.array([1.0, 0.5, 3.0, 5.0])
+    got = compute_metrics(stsb, scores[:, None], gold)
+    assert got["pearson"] == pytest.approx(np.corrcoef(scores, gold)[0, 1])
+    assert got["spearman"] == pytest.approx(0.8)  # ranks 1 2 3 4 vs 2 1 3 4
+    assert compute_metrics(stsb, np.ones((4, 1)), gold) == {"pearson": 0.0, "spearman": 0.0}
+
+
+def _write(tmp_path: Path, task_dir: str, text: str) -> Path:
+    (tmp_path / task_dir).mkdir(parents=True, exist_ok=True)
+    (tmp_path / task_dir / "train.tsv").write_text(text, encoding="utf-8")
+    return tmp_path
+
+
+def test_malformed_row_names_file_and_line(tmp_path):
+    root = _write(tmp_path, "RTE", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tonly two\n")
+    with pytest.raises(GlueDataError, match=r"RTE/train.tsv:3: expected at least 4"):
+        read_tsv("rte", "train", root)
+
+
+def test_bad_label_names_file_and_line(tmp_path):
+    root = _write(tmp_path, "RTE", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    with pytest.raises(GlueDataError, match=r"train.tsv:2: label 'maybe' is not one of"):
+        read_tsv("rte", "train", root)
+
+
+def test_missing_columns_and_empty_files_are_named(tmp_path):
+    root = _write(tmp_path, "SST-2", "text\tlabel\nfoo\t1\n")
+    with pytest.raises(GlueDataError, match=r"missing column\(s\) \['sentence'\]"):
+        read_tsv("sst2", "train", root)
+    _write(tmp_path, "SST-2", "")
+    with pytest.raises(GlueDataError, match="is empty"):
+        read_tsv("sst2", "train", root)
+    _write(tmp_path, "SST-2", "sentence\tlabel\n")
+    with pytest.raises(GlueDataError, match="has no examples"):
+        read_tsv("sst2", "train", root)
+
+
+def test_offline_without_local_data_names_both_remedies(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("LORA2_GLUE_DIR", raising=False)
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"--data-dir.*nyu-mll/glue"):
+        load_split("mnli", "train", tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_split("rte", "train", tmp_path / "nope")
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path, capsys, tiny_model_dir):
+    code = main(["glue", "--task", "rte", "--data-dir", str(tmp_path / "missing"), "--model", tiny_model_dir,
+                 "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_hub_model_name_is_a_clear_error(tmp_path, capsys, glue_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["glue", "--task", "rte", "--data-dir", str(glue_dir), "--model", "someone/not-a-local-dir",
+                 "--output-dir", str(tmp_path / "out"), "--no-progress", "--max-train-samples", "8"])
+    assert code == 2
+    assert "hub is offline" in capsys.readouterr().err
+
+
+def test_help_lists_every_documented_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["glue", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--task", "--method", "--model", "--data-dir", "--output-dir", "--max-length", "--batch-size",
+                 "--learning-rate", "--epochs", "--max-steps", "--warmup-steps", "--seed", "--eval-steps", "--k",
+                 "--r", "--target-rank", "--orth-reg-weight", "--init-warmup", "--final-warmup", "--mask-interval",
+                 "--lora-r", "--lora-alpha", "--adalora-init-r", "--adalora-target-r"):
+        assert flag in text
+
+
+def test_python_dash_m_is_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lora2", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.startswith("lora2 ")
