@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Sequence
-
 import types
 import typing
+from collections.abc import Sequence
 
 from . import __version__
 

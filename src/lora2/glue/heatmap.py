@@ -8,10 +8,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from ..persistence import atomic_write  # noqa: E402
+from ..persistence import atomic_write
 
 # Friendly row labels for the usual module names (anything else keeps its own name).
 MATRIX_LABELS = {

@@ -235,7 +235,7 @@ def run_glue(args: GlueArgs) -> dict[str, Any]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "train_log.jsonl"
-    log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
+    log = open(log_path, "w", encoding="utf-8")
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"score": -math.inf}
     step, train_time, running = 0, 0.0, []
