@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..persistence import write_json
+from .checkpoint import CHECKPOINT_RE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, load_split
 from .heatmap import save_heatmap
 from .methods import METHODS, MethodArgs, build_method
@@ -90,6 +92,11 @@ class GlueArgs:
     sora_r: int = field(default=8, metadata={"help": "SoRA: maximum rank (gate length)."})
     sora_alpha: float = field(default=16.0, metadata={"help": "SoRA: alpha."})
     sora_lambda: float = field(default=0.1, metadata={"help": "SoRA: L1 strength; the gate threshold is lambda * lr."})
+    save_steps: int | None = field(default=None, metadata={
+        "help": "Write a resumable checkpoint-N/ every N steps (keeps the newest --save-total-limit)."})
+    save_total_limit: int = field(default=2, metadata={"help": "How many checkpoints to keep."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "Continue from a checkpoint-N directory, or 'last' for the newest in --output-dir."})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide progress bars."})
@@ -102,7 +109,7 @@ class GlueArgs:
         for name in ("max_length", "batch_size", "eval_batch_size", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "eval_steps", "max_train_samples", "max_eval_samples"):
+        for name in ("max_steps", "eval_steps", "max_train_samples", "max_eval_samples", "save_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
@@ -185,8 +192,17 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_glue(args: GlueArgs) -> dict[str, Any]:
-    """Train and evaluate once; writes results.json, train_log.jsonl, adapter/ (and heatmap.png)."""
+def _prune_checkpoints(out_dir: Path, keep: int) -> None:
+    found = sorted((int(m.group(1)), p) for p in out_dir.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name)))
+    for _, path in found[: max(0, len(found) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] | None:
+    """Train and evaluate once; writes results.json, train_log.jsonl, adapter/ (and heatmap.png).
+
+    ``stop_at_step`` (tests only) ends the run right after that step, as a kill would.
+    """
     from transformers import get_linear_schedule_with_warmup, set_seed
 
     task = get_task(args.task)
@@ -235,15 +251,38 @@ def run_glue(args: GlueArgs) -> dict[str, Any]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "train_log.jsonl"
-    log = open(log_path, "w", encoding="utf-8")
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"score": -math.inf}
-    step, train_time, running = 0, 0.0, []
+    step, epoch, batches_done, train_time = 0, 0, 0, 0.0
+    resume_from = None
+    if args.resume_from_checkpoint:
+        resume_from = (latest_checkpoint(out_dir) if args.resume_from_checkpoint == "last"
+                       else Path(args.resume_from_checkpoint))
+        if resume_from is None:
+            raise FileNotFoundError(f"--resume-from-checkpoint last: no complete checkpoint-N in {out_dir}.")
+        loop_state, data_state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        if loop_state["total_steps"] != total_steps:
+            raise ValueError(f"{resume_from} belongs to a run of {loop_state['total_steps']} steps, this one has "
+                             f"{total_steps}: resume with the same options.")
+        step, epoch, batches_done = loop_state["step"], loop_state["epoch"], loop_state["batches_done"]
+        history, best, train_time = loop_state["history"], loop_state["best"], loop_state["train_time"]
+        gen.set_state(data_state)
+        kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+                if json.loads(line)["step"] <= step] if log_path.exists() else []
+        log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    else:
+        log_path.write_text("", encoding="utf-8")
+    log = open(log_path, "a", encoding="utf-8")  # closed in the finally below
+    running: list[float] = []
     model.train()
-    bar = tqdm(total=total_steps, desc=f"{task.name} {args.method}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=f"{task.name} {args.method}", disable=not progress,
+               dynamic_ncols=True)
     try:
         while step < total_steps:
-            for batch in train_loader:
+            epoch_data_state = gen.get_state()  # the epoch's shuffle is drawn from here when iteration starts
+            for index, batch in enumerate(train_loader):
+                if index < batches_done:
+                    continue  # consumed before the checkpoint this run resumed from
                 t0 = time.perf_counter()
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = model(**batch).loss
@@ -254,6 +293,7 @@ def run_glue(args: GlueArgs) -> dict[str, Any]:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 step += 1
+                batches_done = index + 1
                 handle.after_step(step, scheduler.get_last_lr()[0])
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -281,8 +321,17 @@ def run_glue(args: GlueArgs) -> dict[str, Any]:
                     if score > best["score"]:
                         best = {"score": score, "step": step, "metrics": metrics}
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                if args.save_steps and step % args.save_steps == 0 and step < total_steps:
+                    loop_state = {"step": step, "epoch": epoch, "batches_done": batches_done, "history": history,
+                                  "best": best, "train_time": train_time, "total_steps": total_steps}
+                    save_checkpoint(out_dir / f"checkpoint-{step}", model, optimizer, scheduler, loop_state,
+                                    epoch_data_state)
+                    _prune_checkpoints(out_dir, args.save_total_limit)
+                if step == stop_at_step:
+                    return None
                 if step >= total_steps:
                     break
+            epoch, batches_done = epoch + 1, 0
     finally:
         bar.close()
         log.close()

@@ -1,0 +1,70 @@
+"""Exact resume through the ``lora2 glue`` CLI: a run killed mid-way (in the pruning phase) and
+resumed from its last checkpoint ends where the uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora2.cli import main
+from lora2.glue.checkpoint import latest_checkpoint
+from lora2.glue.run import GlueArgs, run_glue
+
+from .test_glue import tiny_model_dir  # noqa: F401 - fixture
+
+
+def cli_args(out, model, glue_dir, method, *extra):
+    return ["glue", "--task", "rte", "--method", method, "--model", model, "--data-dir", str(glue_dir),
+            "--output-dir", str(out), "--max-steps", "14", "--batch-size", "8", "--max-length", "40",
+            "--max-train-samples", "48", "--max-eval-samples", "24", "--eval-steps", "5", "--init-warmup", "2",
+            "--final-warmup", "4", "--mask-interval", "1", "--save-steps", "4", "--dropout", "0.1", "--no-progress",
+            "--adalora-init-r", "4", "--adalora-target-r", "2", *extra]
+
+
+@pytest.mark.parametrize("method", ["lora2", "adalora"])
+def test_killed_run_resumes_identically(method, tmp_path, tiny_model_dir, glue_dir):  # noqa: F811
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    assert main(cli_args(full_dir, tiny_model_dir, glue_dir, method)) == 0
+
+    parser_args = cli_args(cut_dir, tiny_model_dir, glue_dir, method)
+    from lora2.cli import build_parser
+
+    ns = build_parser().parse_args(parser_args)
+    args = GlueArgs(**{k: v for k, v in vars(ns).items() if k not in ("command", "func")})
+    assert run_glue(args, stop_at_step=9) is None  # "killed" after step 9: checkpoint-8 is the newest
+    assert latest_checkpoint(cut_dir).name == "checkpoint-8"
+    assert not (cut_dir / "results.json").exists()
+    assert main([*parser_args, "--resume-from-checkpoint", "last"]) == 0
+
+    full = json.loads((full_dir / "results.json").read_text())
+    resumed = json.loads((cut_dir / "results.json").read_text())
+    assert resumed["active_ranks"] == full["active_ranks"]
+    assert resumed["eval_history"] == full["eval_history"]
+    assert resumed["final"] == pytest.approx(full["final"])
+    name = "lora2_adapter.safetensors" if method == "lora2" else "adapter_model.safetensors"
+    a, b = load_file(full_dir / "adapter" / name), load_file(cut_dir / "adapter" / name)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    if method == "lora2":
+        masks = [k for k in a if k.endswith(".mask")]
+        assert masks and all(torch.equal(a[k], b[k]) for k in masks)
+    log_steps = [json.loads(line)["step"] for line in (cut_dir / "train_log.jsonl").read_text().splitlines()]
+    full_steps = [json.loads(line)["step"] for line in (full_dir / "train_log.jsonl").read_text().splitlines()]
+    assert log_steps == full_steps  # no duplicated lines from the part after the checkpoint
+
+
+def test_resume_with_other_options_is_refused(tmp_path, tiny_model_dir, glue_dir, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    ns_args = cli_args(out, tiny_model_dir, glue_dir, "lora2")
+    from lora2.cli import build_parser
+
+    ns = build_parser().parse_args(ns_args)
+    run_glue(GlueArgs(**{k: v for k, v in vars(ns).items() if k not in ("command", "func")}), stop_at_step=5)
+    changed = [a if a != "14" else "20" for a in ns_args]
+    assert main([*changed, "--resume-from-checkpoint", "last"]) == 2
+    assert "resume with the same options" in capsys.readouterr().err
+    assert main([*ns_args, "--resume-from-checkpoint", str(tmp_path / "nothing")]) == 2
