@@ -195,7 +195,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Setup: {st['model']} on {st['task']}, {st['steps']} steps of batch {st['batch']}, k={st['k']}, r={st['r']}, "
         f"target_rank={st['target_rank']} over {st['matrices']} matrices (budget {rk['active_singular_values']} "
-        f"active singular values), classifier in modules_to_save. Training took {res['training']['train_seconds']} s; "
+        f"active singular values), classifier in modules_to_save. Training took {res['training']['train_seconds']} s "
+        "(wall time, not a speed measurement: the machine may be shared); "
         f"SST-2 dev accuracy {res['training']['dev_accuracy']:.4f} ({res['training']['dev_examples']} examples).",
         "",
         "| adapter | files (bytes) | total bytes | matrices | ranks (rank: matrices) | adapter params | head params "

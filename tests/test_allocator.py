@@ -218,12 +218,45 @@ def test_steps_must_increase():
         alloc.update_and_allocate(0)
 
 
-def test_non_finite_gradients_are_reported_with_step_and_matrix():
+def test_non_finite_gradients_skip_the_step_with_a_warning():
     layers = make_layers(3, 1, 4)
     alloc = allocator(layers)
-    set_state(layers, 5, nan=True)
-    with pytest.raises(FloatingPointError, match=r"q_inner in m2 at step 5"):
+    set_state(layers, 1)
+    alloc.update_and_allocate(1)
+    before = {n: t.clone() for n, t in alloc.ema_i.items()}
+    set_state(layers, 2, nan=True)  # e.g. an fp16 GradScaler overflow: the optimizer skipped this step too
+    with pytest.warns(RuntimeWarning, match=r"non-finite gradient of q_inner in m2 at step 2"):
+        alloc.update_and_allocate(2)
+    assert alloc.skipped_steps == 1 and alloc.step == 2
+    assert all(torch.equal(alloc.ema_i[n], before[n]) for n in before)
+
+
+def test_non_finite_parameters_are_reported_with_step_and_matrix():
+    layers = make_layers(3, 1, 4)
+    alloc = allocator(layers)
+    set_state(layers, 5)
+    with torch.no_grad():
+        layers[1].p_inner[0, 2] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"p_inner of m1 holds NaN/inf at step 5"):
         alloc.update_and_allocate(5)
+    assert (alloc.step, alloc.num_updates) == (0, 0)  # nothing advanced: the state stays usable
+
+
+def test_calling_after_zero_grad_is_refused():
+    layers = make_layers(2, 1, 4)
+    alloc = allocator(layers)
+    set_state(layers, 1)
+    for layer in layers:
+        for p in layer.parameters():
+            p.grad = None  # optimizer.zero_grad() (set_to_none) ran first
+    with pytest.raises(ValueError, match=r"before optimizer\.zero_grad"):
+        alloc.update_and_allocate(1)
+    set_state(layers, 1)
+    for layer in layers:
+        for name in ("p_outer", "p_inner", "lam", "q_inner", "q_outer"):
+            getattr(layer, name).grad.zero_()  # zero_grad(set_to_none=False)
+    with pytest.warns(RuntimeWarning, match="every gradient of lam is zero"):
+        alloc.update_and_allocate(1)
 
 
 def test_no_pruning_when_target_equals_r():

@@ -39,6 +39,19 @@ def test_schedule_without_pruning_phase_is_rejected_at_setup():
     assert LoRA2Config(init_warmup=200, final_warmup=600, total_step=801).total_step == 801
 
 
+def test_default_target_rank_adapts_to_small_r_and_to_total_budgets():
+    assert LoRA2Config(r=1).resolved_target_rank == 1
+    assert LoRA2Config(r=1, target_total_rank=3).budgets(5) == (5, 3)
+    assert LoRA2Config().resolved_target_rank == 2
+    # no pruning configured: a run shorter than the warm-ups is fine
+    assert LoRA2Config(r=8, target_rank=8, total_step=100).total_step == 100
+
+
+def test_invalid_regex_names_the_field():
+    with pytest.raises(ValueError, match=r"LoRA2Config\.target_modules is not a valid regular expression"):
+        LoRA2Config(target_modules="query(")
+
+
 def test_target_total_rank_larger_than_initial_budget_is_rejected():
     cfg = LoRA2Config(r=4, target_total_rank=100)
     with pytest.raises(ValueError, match="exceeds the initial budget"):

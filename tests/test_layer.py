@@ -132,5 +132,11 @@ def test_half_precision_base_keeps_float32_adapter():
     base = nn.Linear(D_IN, D_OUT).to(torch.bfloat16)
     layer = LoRA2Layer(base, k=K, r=R, alpha=8.0)
     assert layer.p_outer.dtype == torch.float32
-    out = layer(torch.randn(2, D_IN, dtype=torch.bfloat16))
+    x = torch.randn(2, D_IN, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), base(x))  # Δ = 0 at initialisation, whatever the dtype
+    with torch.no_grad():
+        layer.lam.fill_(1.0)
+    out = layer(x)
     assert out.dtype == torch.bfloat16
+    expected = base(x).float() + (x.float() @ layer.p_outer) @ layer.core() @ layer.q_outer
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)

@@ -141,6 +141,23 @@ def test_regex_target_matches_full_names():
                                           "bert.encoder.layer.0.attention.self.value"]
 
 
+def test_disable_adapter_on_a_merged_model_gives_the_base_output():
+    reference, model = build("bert")
+    randomize_adapters(model)
+    batch = inputs_for("bert")
+    merged_out = model(**batch).logits
+    model.merge()
+    with model.disable_adapter():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-6)
+    assert all(layer.merged for layer in model.lora2_layers.values())
+    torch.testing.assert_close(model(**batch).logits, merged_out, rtol=1e-5, atol=1e-6)
+
+
+def test_targets_only_inside_modules_to_save_are_explained():
+    with pytest.raises(ValueError, match="only matched modules inside modules_to_save"):
+        get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["classifier"], modules_to_save=["classifier"]))
+
+
 def test_unsupported_module_type_is_rejected():
     with pytest.raises(TypeError, match=r"'bert.embeddings.word_embeddings', a Embedding"):
         get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["word_embeddings"]))
@@ -188,7 +205,7 @@ def test_saving_leaves_no_temporary_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora2_adapter.safetensors", "lora2_config.json"]
 
 
-def test_forgotten_allocator_is_loud():
+def test_forgotten_allocator_is_loud(tmp_path):
     _, model = build("bert", target_rank=2, total_step=1000, init_warmup=10, final_warmup=10)
     model.train()
     batch = {**inputs_for("bert"), "labels": torch.tensor([0, 1])}
@@ -197,7 +214,7 @@ def test_forgotten_allocator_is_loud():
             model(**batch)
     randomize_adapters(model)
     with pytest.warns(RuntimeWarning, match="no singular value is pruned"):
-        model.save_pretrained("/tmp/lora2-never-ran-test")
+        model.save_pretrained(tmp_path)
 
 
 def test_no_warning_when_pruning_is_off():

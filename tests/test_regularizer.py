@@ -58,7 +58,10 @@ def test_model_loss_includes_gamma_times_r():
     randomize_adapters(model)
     ids = torch.randint(0, 120, (3, 9))
     labels = torch.tensor([0, 1, 1])
+    model.train()
+    torch.manual_seed(0)
     out = model(input_ids=ids, labels=labels)
+    torch.manual_seed(0)
     plain = model.base_model(input_ids=ids, labels=labels).loss
     reg = orth_regularization(model.lora2_layers.values(), ["uv", "UV", "PQ"])
     torch.testing.assert_close(out.loss, plain + 0.3 * reg)
@@ -78,8 +81,20 @@ def test_terms_are_switchable(terms):
     torch.testing.assert_close(model.orth_regularization(), torch.as_tensor(expected, dtype=torch.float32))
 
 
-def test_zero_weight_leaves_the_loss_alone():
-    model = get_lora2_model(tiny_bert(), LoRA2Config(k=1, r=4, target_modules=["query"], orth_reg_weight=0.0))
+def test_evaluation_loss_is_the_task_loss_alone():
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=1, r=4, target_modules=["query"], orth_reg_weight=0.5))
+    randomize_adapters(model)
+    model.eval()
     ids = torch.randint(0, 120, (2, 5))
     out = model(input_ids=ids, labels=torch.tensor([0, 1]))
+    torch.testing.assert_close(out.loss, model.base_model(input_ids=ids, labels=torch.tensor([0, 1])).loss)
+
+
+def test_zero_weight_leaves_the_loss_alone():
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=1, r=4, target_modules=["query"], orth_reg_weight=0.0))
+    model.train()
+    ids = torch.randint(0, 120, (2, 5))
+    torch.manual_seed(0)
+    out = model(input_ids=ids, labels=torch.tensor([0, 1]))
+    torch.manual_seed(0)
     torch.testing.assert_close(out.loss, model.base_model(input_ids=ids, labels=torch.tensor([0, 1])).loss)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import datasets
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lora2 import LoRA2Callback, LoRA2Config, LoRA2Trainer, get_lora2_model
 from lora2.persistence import ALLOCATOR_STATE_NAME, load_allocator_state
 
-from .conftest import BERT_TARGETS, tiny_bert
+from .conftest import BERT_TARGETS, tiny_bert, tiny_gpt2, tiny_llama
 
 
 class ToyDataset(torch.utils.data.Dataset):
@@ -112,3 +113,81 @@ def test_resume_from_checkpoint_continues_identically(tmp_path):
         torch.testing.assert_close(resumed.adapter_state_dict()[key], value, rtol=1e-5, atol=1e-6)
     meta = json.loads((tmp_path / "cut" / "checkpoint-12" / ALLOCATOR_STATE_NAME).read_text())
     assert meta["step"] == 12
+
+
+class CausalToy(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32) -> None:
+        self.ids = torch.randint(1, 128, (n, 10), generator=torch.Generator().manual_seed(1))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _decoder_model(make):
+    cfg = LoRA2Config(k=2, r=4, target_rank=1, init_warmup=4, final_warmup=8, mask_interval=2, orth_reg_weight=0.5,
+                      target_modules=["q_proj", "v_proj"] if make is tiny_llama else ["c_attn"])
+    return get_lora2_model(make(), cfg)
+
+
+def test_regulariser_weight_does_not_grow_with_gradient_accumulation(tmp_path):
+    losses = {}
+    for accumulation in (1, 4):
+        model = _decoder_model(tiny_llama)
+        trainer = Trainer(model=model, args=args(tmp_path / str(accumulation), per_device_train_batch_size=8 // accumulation,
+                                                 gradient_accumulation_steps=accumulation, learning_rate=0.0,
+                                                 logging_steps=1, max_steps=13, save_strategy="no"),
+                          train_dataset=CausalToy(), callbacks=[LoRA2Callback()])
+        trainer.train()
+        losses[accumulation] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[1] == pytest.approx(losses[4], rel=1e-4)  # same global batch, same loss, γR counted once
+
+
+def test_lora2_trainer_checkpoints_tied_models_adapter_only_and_resumes_from_anywhere(tmp_path):
+    torch.manual_seed(0)
+    full = _decoder_model(tiny_gpt2)
+    LoRA2Trainer(model=full, args=args(tmp_path / "full", per_device_train_batch_size=4),
+                 train_dataset=CausalToy()).train()
+    torch.manual_seed(0)
+    first = _decoder_model(tiny_gpt2)
+    LoRA2Trainer(model=first, args=args(tmp_path / "first", per_device_train_batch_size=4),
+                 train_dataset=CausalToy()).train()
+    checkpoint = tmp_path / "first" / "checkpoint-12"
+    assert sorted(p.name for p in checkpoint.iterdir() if p.name.startswith("lora2")) == [
+        "lora2_adapter.safetensors", "lora2_allocator.json", "lora2_allocator.safetensors", "lora2_config.json"]
+    assert not (checkpoint / "model.safetensors").exists()  # no base weights
+    moved = shutil.copytree(checkpoint, tmp_path / "elsewhere" / "checkpoint-12")
+    resumed = _decoder_model(tiny_gpt2)
+    LoRA2Trainer(model=resumed, args=args(tmp_path / "other-output", per_device_train_batch_size=4),
+                 train_dataset=CausalToy()).train(resume_from_checkpoint=str(moved))
+    assert torch.equal(resumed.allocator.masks(), full.allocator.masks())
+    for key, value in full.adapter_state_dict().items():
+        torch.testing.assert_close(resumed.adapter_state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_trainer_refuses_to_checkpoint_tied_weights_up_front(tmp_path):
+    model = _decoder_model(tiny_gpt2)
+    trainer = Trainer(model=model, args=args(tmp_path, per_device_train_batch_size=4), train_dataset=CausalToy(),
+                      callbacks=[LoRA2Callback()])
+    with pytest.raises(ValueError, match=r"Use lora2\.LoRA2Trainer"):
+        trainer.train()
+    assert model.allocator.num_updates == 0
+
+
+class Recorder(TrainerCallback):
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
+def test_reporting_integrations_see_the_lora2_values(tmp_path):
+    recorder = Recorder()
+    trainer = LoRA2Trainer(model=lora2_model(), args=args(tmp_path, save_strategy="no"), train_dataset=ToyDataset())
+    trainer.callback_handler.callbacks.insert(0, recorder)  # where report_to integrations sit: before ours
+    trainer.train()
+    steps = [entry for entry in recorder.seen if "loss" in entry]
+    assert steps and all({"lora2_active_sv", "lora2_orth_reg", "lora2_budget"} <= set(entry) for entry in steps)

@@ -8,6 +8,7 @@ sort of all M·r importances, ties broken by position, never a ``<= threshold`` 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +32,7 @@ class RankAllocator:
         self.b0, self.b_target = config.budgets(len(layers))
         self.step = 0  # last optimizer step seen
         self.num_updates = 0
+        self.skipped_steps = 0  # steps whose gradients were non-finite (fp16 overflow) and were not used
         self.ema_i: dict[str, torch.Tensor] = {}
         self.ema_u: dict[str, torch.Tensor] = {}
         self.outer_i: list[dict[str, torch.Tensor]] = []  # "full" importance only: per-layer shapes differ
@@ -91,14 +93,45 @@ class RankAllocator:
         grad = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
         return (theta * grad).abs_()
 
-    def _check_finite(self, name: str, value: torch.Tensor, step: int) -> None:
-        if not bool(torch.isfinite(value).all()):
-            bad = torch.nonzero(~torch.isfinite(value.reshape(len(self.layers), -1)).all(dim=1))[0, 0].item()
-            raise FloatingPointError(
-                f"Non-finite sensitivity of {name} in {self.names[bad]} at step {step}: the loss or its gradients "
-                "contain NaN/inf. Lower the learning rate, enable gradient clipping, or check the data; the "
-                "allocator refuses to build a mask from them."
+    def _first_bad_layer(self, value: torch.Tensor) -> str:
+        bad = torch.nonzero(~torch.isfinite(value.reshape(len(self.layers), -1)).all(dim=1))[0, 0].item()
+        return self.names[bad]
+
+    def check_gradients(self, step: int) -> bool:
+        """Validate the tracked entries before using them. False: skip this step (non-finite gradients,
+        e.g. an fp16 GradScaler overflow that also skipped the optimizer step). Raises on NaN/inf
+        parameters and when no gradient exists at all (called after zero_grad)."""
+        names = INNER + (OUTER if self.config.importance == "full" else ())
+        params = {n: [getattr(layer, n) for layer in self.layers] for n in names}
+        if all(p.grad is None for ps in params.values() for p in ps):
+            raise ValueError(
+                f"update_and_allocate(step={step}) found no gradients: call it after optimizer.step() and before "
+                "optimizer.zero_grad(), while the gradients of this step still exist."
             )
+        for name, ps in params.items():
+            for layer_name, p in zip(self.names, ps, strict=True):
+                if not bool(torch.isfinite(p.detach()).all()):
+                    raise FloatingPointError(
+                        f"{name} of {layer_name} holds NaN/inf at step {step}: training has diverged. Lower the "
+                        "learning rate or enable gradient clipping; the allocator refuses to build a mask from it."
+                    )
+        for name, ps in params.items():
+            grads = [p.grad for p in ps if p.grad is not None]
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                layer_name = next(ln for ln, p in zip(self.names, ps, strict=True)
+                                  if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+                self.skipped_steps += 1
+                msg = (f"LoRA² allocator: non-finite gradient of {name} in {layer_name} at step {step}; the step's "
+                       "statistics are skipped (expected when an fp16 GradScaler skips an optimizer step).")
+                warnings.warn(msg, RuntimeWarning, stacklevel=4)
+                return False
+        if all(not bool(p.grad.any()) for p in params["lam"] if p.grad is not None):
+            warnings.warn(
+                f"update_and_allocate(step={step}): every gradient of lam is zero. If zero_grad() ran before this call, "
+                "importance is meaningless and pruning would follow position; call it before zero_grad().",
+                RuntimeWarning, stacklevel=4,
+            )
+        return True
 
     @staticmethod
     def _ema(ema_i: torch.Tensor, ema_u: torch.Tensor, s: torch.Tensor, beta1: float, beta2: float) -> None:
@@ -111,7 +144,6 @@ class RankAllocator:
         b1, b2 = self.config.beta1, self.config.beta2
         for name in INNER:
             s = self._sensitivity([getattr(layer, name) for layer in self.layers])
-            self._check_finite(name, s, step)
             if name not in self.ema_i:
                 self.ema_i[name] = torch.zeros_like(s)
                 self.ema_u[name] = torch.zeros_like(s)
@@ -125,11 +157,6 @@ class RankAllocator:
             for name in OUTER:
                 p = getattr(layer, name)
                 s = (p.detach().float() * (p.grad.float() if p.grad is not None else 0.0)).abs()
-                if not bool(torch.isfinite(s).all()):
-                    raise FloatingPointError(
-                        f"Non-finite sensitivity of {name} in {self.names[idx]} at step {step}: the loss or its "
-                        "gradients contain NaN/inf; the allocator refuses to build a mask from them."
-                    )
                 self._ema(self.outer_i[idx][name], self.outer_u[idx][name], s, b1, b2)
 
     def importance(self) -> torch.Tensor:
@@ -181,11 +208,14 @@ class RankAllocator:
                 f"update_and_allocate(step={step}) after step {self.step}: it must run exactly once per optimizer "
                 "step with increasing step numbers (is it called both in your loop and by LoRA2Callback?)."
             )
-        self.step = step
-        self.num_updates += 1
         if not self.prunes:
+            self.step, self.num_updates = step, self.num_updates + 1
             return None
         phase = self.phase(step)
+        usable = phase == "final" or self.check_gradients(step)  # validate before any state changes
+        self.step, self.num_updates = step, self.num_updates + 1
+        if not usable:
+            return self.budget(step)
         if phase == "final":
             if int(self.masks().sum().item()) != self.b_target:  # entered the final phase without a last prune
                 self.mask_to_budget(self.b_target, step)

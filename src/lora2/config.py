@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,9 @@ class LoRA2Config:
         default=None, metadata={"help": "Module-name suffixes trained in full and saved (e.g. the classifier)."}
     )
     target_rank: int | None = field(
-        default=2, metadata={"help": "Average singular values kept per matrix after pruning (bT = target_rank·M)."}
+        default=None,
+        metadata={"help": "Average singular values kept per matrix after pruning (bT = target_rank·M); "
+                  "None: 2 (the paper's typical value, at most r) unless target_total_rank is set."},
     )
     target_total_rank: int | None = field(
         default=None, metadata={"help": "Total singular values kept over all matrices; overrides target_rank."}
@@ -132,7 +135,8 @@ class LoRA2Config:
         if self.total_step is not None:
             if not _is_int(self.total_step) or self.total_step < 1:
                 raise ValueError(f"LoRA2Config.total_step must be an integer >= 1 or None, got {self.total_step!r}.")
-            self.check_schedule(self.total_step)
+            if self.target_total_rank is not None or self.resolved_target_rank < self.r:
+                self.check_schedule(self.total_step)
         if not isinstance(self.orth_terms, list) or not all(isinstance(t, str) for t in self.orth_terms):
             raise ValueError(f"LoRA2Config.orth_terms must be a list of strings, got {self.orth_terms!r}.")
         unknown = [t for t in self.orth_terms if t not in ORTH_TERMS]
@@ -159,6 +163,10 @@ class LoRA2Config:
                 raise ValueError(f"LoRA2Config.{name} must be a list of module-name suffixes, got the string {value!r}.")
             if not value:
                 raise ValueError(f"LoRA2Config.{name} must not be an empty string.")
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"LoRA2Config.{name} is not a valid regular expression ({err}): {value!r}.") from None
             return
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
             kind = "a non-empty list of non-empty strings" + (" or one regex string" if allow_regex else "")
@@ -175,6 +183,11 @@ class LoRA2Config:
 
     # -- derived values -----------------------------------------------------------------------
     @property
+    def resolved_target_rank(self) -> int:
+        """target_rank, or its default min(2, r) when neither target field is set."""
+        return self.target_rank if self.target_rank is not None else min(2, self.r)
+
+    @property
     def scaling(self) -> float:
         """s = alpha / r (SPEC §2)."""
         return self.alpha / self.r
@@ -182,7 +195,10 @@ class LoRA2Config:
     def budgets(self, num_matrices: int) -> tuple[int, int]:
         """(b0, bT): initial and target count of active singular values over all matrices."""
         b0 = self.r * num_matrices
-        b_target = self.target_total_rank if self.target_total_rank is not None else (self.target_rank or self.r) * num_matrices
+        if self.target_total_rank is not None:
+            b_target = self.target_total_rank
+        else:
+            b_target = self.resolved_target_rank * num_matrices
         if b_target > b0:
             raise ValueError(
                 f"LoRA2Config.target_total_rank={b_target} exceeds the initial budget r·M = {self.r}·{num_matrices} = {b0}."

@@ -26,6 +26,7 @@ import torch
 
 from . import __version__
 from .config import CONFIG_NAME, LoRA2Config
+from .layer import numerical_rank, reduced_factors, small_svd
 from .persistence import WEIGHTS_NAME, read_json, read_tensors, write_json, write_tensors
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -46,49 +47,6 @@ _TASK_TYPES = (
 _TASK_HEADS = {"SEQ_CLS": {"classifier", "score"}, "TOKEN_CLS": {"classifier", "score"}, "QUESTION_ANS": {"qa_outputs"}}
 
 
-# -- the math: one adapted matrix -------------------------------------------------------------
-def _middle(f: dict[str, torch.Tensor], scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor, torch.Tensor]:
-    """Δ = Qp · (left · right) · Qqᵀ in float64, with Qp, Qq orthonormal and left/right at most k×k.
-
-    Only the active, non-zero λ enter, so rank(left · right) ≤ #active structurally and float
-    rounding of a k×k core cannot make a pruned matrix look full-rank.
-    """
-    lam = f["lam"].double() * f["mask"].double() * scaling
-    active = torch.nonzero(lam, as_tuple=True)[0]
-    qp, rp = torch.linalg.qr(f["p_outer"].double())  # (d_in, k), (k, k)
-    qq, rq = torch.linalg.qr(f["q_outer"].double().T)  # (d_out, k), (k, k)
-    left = (rp @ f["p_inner"].double()[:, active]) * lam[active]  # (k, a)
-    right = f["q_inner"].double()[active] @ rq.T  # (a, k)
-    return qp, left, right, qq, lam
-
-
-def _small_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor]:
-    """left · right = Q1 · (U S Vᵀ) · Q2ᵀ with an SVD of an m×m matrix, m = min(k, a)."""
-    q1, r1 = torch.linalg.qr(left)  # (k, m), (m, a)
-    q2, r2 = torch.linalg.qr(right.T)  # (k, m), (m, a)
-    u, s, vh = torch.linalg.svd(r1 @ r2.T)
-    return q1, u, s, vh, q2
-
-
-def _numerical_rank(s: torch.Tensor, dtype: torch.dtype) -> int:
-    """Singular values above m · ε(adapter dtype) · σ_max: the ones the forward pass can resolve."""
-    if s.numel() == 0 or float(s[0]) == 0.0:
-        return 0
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
-    return int((s > s[0] * s.numel() * eps).sum().item())
-
-
-def effective_rank_of_factors(f: dict[str, torch.Tensor], scaling: float = 1.0) -> int:
-    """rank(Δ) of one LoRA² matrix from its factors (``FACTOR_NAMES``), from k×k work only."""
-    _, left, right, _, _ = _middle(f, scaling)
-    if left.shape[1] == 0:
-        return 0
-    _, _, s, _, _ = _small_svd(left, right)
-    return _numerical_rank(s, f["p_outer"].dtype)
-
-
 def lora_factors(f: dict[str, torch.Tensor], scaling: float, exact_rank: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of a PEFT LoRA with scaling 1 and ``B @ A`` = the PyTorch-layout update ``s · Δᵀ``.
 
@@ -103,12 +61,12 @@ def lora_factors(f: dict[str, torch.Tensor], scaling: float, exact_rank: bool = 
         a = f["p_outer"].double().T
         b = (core @ f["q_outer"].double()).T
         return a.to(dtype).contiguous(), b.to(dtype).contiguous()
-    qp, left, right, qq, _ = _middle(f, scaling)
+    qp, left, right, qq, _ = reduced_factors(f, scaling)
     d_in, d_out = qp.shape[0], qq.shape[0]
     if left.shape[1] == 0:
         return torch.zeros(0, d_in, dtype=dtype), torch.zeros(d_out, 0, dtype=dtype)
-    q1, u, s, vh, q2 = _small_svd(left, right)
-    rank = _numerical_rank(s, dtype)
+    q1, u, s, vh, q2 = small_svd(left, right)
+    rank = numerical_rank(s, dtype)
     root = s[:rank].sqrt()
     a = ((qp @ q1 @ u[:, :rank]) * root).T  # (rank, d_in)
     b = (qq @ q2 @ vh[:rank].T) * root  # (d_out, rank)
@@ -133,12 +91,12 @@ def _from_model(model: Any) -> _LoRA2Source:
         raise ValueError("This LoRA2Model was unloaded by merge_and_unload(); export the model before merging, "
                          "or export its saved adapter directory.")
     factors = {
-        name: {p: getattr(layer, p).detach() for p in FACTOR_NAMES} for name, layer in model.lora2_layers.items()
+        name: {p: getattr(layer, p).detach().cpu() for p in FACTOR_NAMES} for name, layer in model.lora2_layers.items()
     }
     saved: dict[str, torch.Tensor] = {}
     for name in model.modules_to_save_names:
         for key, value in model.base_model.get_submodule(name).state_dict().items():
-            saved[f"{name}.{key}"] = value.detach()
+            saved[f"{name}.{key}"] = value.detach().cpu()
     base_cfg = model.config
     return _LoRA2Source(
         config=model.lora2_config,

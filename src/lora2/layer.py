@@ -29,6 +29,50 @@ def base_shape(base: nn.Module) -> tuple[int, int, bool]:
     )
 
 
+# -- rank of Δ from the factors alone (k×k work, float64, only active λ) -------------------------
+def reduced_factors(f: dict[str, torch.Tensor], scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor, torch.Tensor]:
+    """Δ = Qp · (left · right) · Qqᵀ in float64, with Qp, Qq orthonormal and left/right at most k×k.
+
+    Only the active, non-zero λ enter, so rank(left · right) ≤ #active structurally and float
+    rounding of a k×k core cannot make a pruned matrix look full-rank.
+    """
+    lam = f["lam"].double() * f["mask"].double() * scaling
+    active = torch.nonzero(lam, as_tuple=True)[0]
+    qp, rp = torch.linalg.qr(f["p_outer"].double())  # (d_in, k), (k, k)
+    qq, rq = torch.linalg.qr(f["q_outer"].double().T)  # (d_out, k), (k, k)
+    left = (rp @ f["p_inner"].double()[:, active]) * lam[active]  # (k, a)
+    right = f["q_inner"].double()[active] @ rq.T  # (a, k)
+    return qp, left, right, qq, lam
+
+
+def small_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]:
+    """left · right = Q1 · (U S Vᵀ) · Q2ᵀ with an SVD of an m×m matrix, m = min(k, a)."""
+    q1, r1 = torch.linalg.qr(left)  # (k, m), (m, a)
+    q2, r2 = torch.linalg.qr(right.T)  # (k, m), (m, a)
+    u, s, vh = torch.linalg.svd(r1 @ r2.T)
+    return q1, u, s, vh, q2
+
+
+def numerical_rank(s: torch.Tensor, dtype: torch.dtype) -> int:
+    """Singular values above m · ε(adapter dtype) · σ_max: the ones the forward pass can resolve."""
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    return int((s > s[0] * s.numel() * eps).sum().item())
+
+
+def effective_rank_of_factors(f: dict[str, torch.Tensor], scaling: float = 1.0) -> int:
+    """rank(Δ) of one LoRA² matrix from its factors (``FACTOR_NAMES``), from k×k work only."""
+    _, left, right, _, _ = reduced_factors(f, scaling)
+    if left.shape[1] == 0:
+        return 0
+    _, _, s, _, _ = small_svd(left, right)
+    return numerical_rank(s, f["p_outer"].dtype)
+
+
+
 class LoRA2Layer(nn.Module):
     """A frozen linear map plus the LoRA² update ``s · x (P Λ Q)``."""
 
@@ -79,15 +123,13 @@ class LoRA2Layer(nn.Module):
     def active_count(self) -> int:
         return int(self.mask.sum().item())
 
+    def factors(self) -> dict[str, torch.Tensor]:
+        """The five factors and the mask, detached (what rank and export computations read)."""
+        return {name: getattr(self, name).detach() for name in (*ADAPTER_PARAMETERS, "mask")}
+
     def effective_rank(self) -> int:
-        """rank(Δ) ≤ min(k, active λ), computed from k×k factors without forming Δ."""
-        if self.active_count() == 0:
-            return 0
-        with torch.no_grad():
-            r_p = torch.linalg.qr(self.p_outer.double(), mode="r").R  # (k, k)
-            r_q = torch.linalg.qr(self.q_outer.double().T, mode="r").R  # (k, k)
-            small = r_p @ self.core().double() @ r_q.T
-            return int(torch.linalg.matrix_rank(small).item())
+        """rank(Δ) ≤ min(k, active λ), from k×k work in float64 without forming Δ."""
+        return effective_rank_of_factors(self.factors(), self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:

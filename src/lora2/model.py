@@ -83,6 +83,9 @@ class LoRA2Model(nn.Module):
     """A model with LoRA² adapters; attribute access falls through to the wrapped model."""
 
     forward = _ForwardWithBaseSignature()
+    # The base loss is a per-micro-batch mean and γ·R is added per forward, so the 🤗 Trainer must average
+    # over gradient accumulation itself (and not rescale by num_items_in_batch / world size).
+    accepts_loss_kwargs = False
 
     def __init__(self, model: nn.Module, config: LoRA2Config) -> None:
         super().__init__()
@@ -105,9 +108,12 @@ class LoRA2Model(nn.Module):
         self._inject()
         self._freeze()
         self.allocator = RankAllocator(list(self.lora2_layers), list(self.lora2_layers.values()), config)
+        if self.allocator.prunes and config.total_step is not None:
+            config.check_schedule(config.total_step)
         self.last_orth_reg: torch.Tensor | None = None
         self._idle_forwards = 0
         self._unloaded = False
+        self.mask_sync_checks = 0  # cross-rank mask comparisons done (data-parallel training)
 
     # -- surgery ------------------------------------------------------------------------------
     def _find_modules_to_save(self) -> list[str]:
@@ -143,6 +149,12 @@ class LoRA2Model(nn.Module):
                 )
             found.append((name, module))
         if not found:
+            inside_saved = [n for n, _ in self.base_model.named_modules() if n and _matches(n, targets)]
+            if inside_saved:
+                raise ValueError(
+                    f"target_modules={targets!r} only matched modules inside modules_to_save ({inside_saved[:3]}), "
+                    "which are trained in full and never get an adapter. Target the backbone's linear layers."
+                )
             raise ValueError(
                 f"target_modules={targets!r} matched no module of {type(self.base_model).__name__}. "
                 f"Its linear layers include {_linear_names(self.base_model)}."
@@ -189,13 +201,16 @@ class LoRA2Model(nn.Module):
         return orth_regularization(self.lora2_layers.values(), self.lora2_config.orth_terms)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the wrapped model; add γ·R to its loss whenever it computes one (SPEC §3)."""
+        """Run the wrapped model; in training mode add γ·R to its loss whenever it computes one (SPEC §3).
+
+        Evaluation losses stay the task loss alone, comparable with other methods.
+        """
         self._check_usable()
         if self.training and torch.is_grad_enabled():
             self._note_training_forward()
         outputs = self.base_model(*args, **kwargs)
         gamma = self.lora2_config.orth_reg_weight
-        if gamma == 0 or not self.lora2_config.orth_terms or self._adapters_disabled():
+        if gamma == 0 or not self.lora2_config.orth_terms or not self.training or self._adapters_disabled():
             return outputs
         if isinstance(outputs, Mapping) and outputs.get("loss") is not None:
             reg = self.orth_regularization()
@@ -226,7 +241,27 @@ class LoRA2Model(nn.Module):
         self._check_usable()
         if any(layer.merged for layer in self.lora2_layers.values()):
             raise RuntimeError("update_and_allocate() on a merged model: call unmerge() before training further.")
-        return self.allocator.update_and_allocate(step)
+        mask_step = self.allocator.prunes and self.allocator.phase(step) != "warmup"
+        budget = self.allocator.update_and_allocate(step)
+        if mask_step and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            self._check_masks_agree_across_ranks(step)
+        return budget
+
+    def _check_masks_agree_across_ranks(self, step: int) -> None:
+        """Data-parallel ranks see the same averaged gradients, so their masks must be identical."""
+        dist = torch.distributed
+        masks = self.allocator.masks()
+        gathered = [torch.empty_like(masks) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, masks)
+        differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, masks)]
+        if differing:
+            raise RuntimeError(
+                f"LoRA² masks differ between rank {dist.get_rank()} and rank(s) {differing} at step {step}: the ranks "
+                "saw different gradients. Wrap the model in DistributedDataParallel before training and call "
+                "update_and_allocate on every rank after optimizer.step() (not inside no_sync())."
+            )
+        self.mask_sync_checks += 1
 
     def rank_pattern(self) -> dict[str, dict[str, int]]:
         """Per adapted matrix: active singular values and effective rank of Δ (≤ k)."""
@@ -234,15 +269,19 @@ class LoRA2Model(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone (modules_to_save keep their trained weights)."""
-        previous = {n: layer.disabled for n, layer in self.lora2_layers.items()}
+        """Run the base model alone (modules_to_save keep their trained weights); a merged model is
+        unmerged for the duration and merged again afterwards."""
+        previous = {n: (layer.disabled, layer.merged) for n, layer in self.lora2_layers.items()}
         for layer in self.lora2_layers.values():
+            layer.unmerge()
             layer.disabled = True
         try:
             yield
         finally:
             for n, layer in self.lora2_layers.items():
-                layer.disabled = previous[n]
+                layer.disabled = previous[n][0]
+                if previous[n][1]:
+                    layer.merge()
 
     def _adapters_disabled(self) -> bool:
         return all(layer.disabled for layer in self.lora2_layers.values())

@@ -16,7 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import find_labels
 
 from .model import LoRA2Model
-from .persistence import ALLOCATOR_STATE_NAME, load_allocator_state, save_allocator_state
+from .persistence import ALLOCATOR_STATE_NAME, WEIGHTS_NAME, load_allocator_state, read_tensors, save_allocator_state
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,16 @@ def find_lora2_model(model: Any) -> LoRA2Model:
     return seen
 
 
+def log_values(lora2_model: LoRA2Model) -> dict[str, float]:
+    """Active singular values, the current budget b(t) and the last regulariser value."""
+    extra: dict[str, float] = {"lora2_active_sv": int(lora2_model.allocator.masks().sum().item())}
+    if lora2_model.allocator.prunes and lora2_model.lora2_config.total_step and lora2_model.allocator.step > 0:
+        extra["lora2_budget"] = lora2_model.allocator.budget(lora2_model.allocator.step)
+    if lora2_model.last_orth_reg is not None:
+        extra["lora2_orth_reg"] = round(float(lora2_model.last_orth_reg), 6)
+    return extra
+
+
 class LoRA2Callback(TrainerCallback):
     """Sets total_step from the Trainer, runs ``update_and_allocate`` each optimizer step, logs the
     budget and regulariser, checkpoints the allocator, and fails loudly if it never ran."""
@@ -41,6 +51,7 @@ class LoRA2Callback(TrainerCallback):
     def __init__(self) -> None:
         self._updates_at_start = 0
         self._step_at_start = 0
+        self.adapter_only_checkpoints = False  # set by LoRA2Trainer
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         lora2_model = find_lora2_model(model)
@@ -55,6 +66,8 @@ class LoRA2Callback(TrainerCallback):
         if lora2_model.allocator.prunes:
             cfg.check_schedule(total)
         cfg.total_step = total
+        if not self.adapter_only_checkpoints:
+            self._check_checkpointing(args, lora2_model)
         if state.global_step > 0 and lora2_model.allocator.step != state.global_step:
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if not (checkpoint / ALLOCATOR_STATE_NAME).is_file():
@@ -67,6 +80,23 @@ class LoRA2Callback(TrainerCallback):
         self._updates_at_start = lora2_model.allocator.num_updates
         self._step_at_start = state.global_step
 
+    @staticmethod
+    def _check_checkpointing(args, lora2_model: LoRA2Model) -> None:
+        """A plain Trainer saves LoRA2Model checkpoints as one full state dict, which safetensors refuses for
+        tied weights (GPT-2, many decoders): say so before training instead of crashing at the first save."""
+        if str(getattr(args, "save_strategy", "no")).lower().endswith("no"):
+            return
+        seen: dict[int, str] = {}
+        for name, tensor in lora2_model.state_dict(keep_vars=True).items():
+            ptr = tensor.data_ptr()
+            if ptr in seen and tensor.numel() > 0:
+                raise ValueError(
+                    f"This model ties {seen[ptr]} and {name}; a plain transformers.Trainer cannot checkpoint it "
+                    "(it saves the whole state dict). Use lora2.LoRA2Trainer, which writes adapter-only "
+                    "checkpoints, or set save_strategy='no'."
+                )
+            seen[ptr] = name
+
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # global_step is incremented after this event, so the step just taken is global_step + 1.
         find_lora2_model(model).update_and_allocate(state.global_step + 1)
@@ -74,12 +104,7 @@ class LoRA2Callback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None:
             return
-        lora2_model = find_lora2_model(model)
-        extra = {"lora2_active_sv": int(lora2_model.allocator.masks().sum().item())}
-        if lora2_model.allocator.prunes and lora2_model.lora2_config.total_step and lora2_model.allocator.step > 0:
-            extra["lora2_budget"] = lora2_model.allocator.budget(lora2_model.allocator.step)
-        if lora2_model.last_orth_reg is not None:
-            extra["lora2_orth_reg"] = round(float(lora2_model.last_orth_reg), 6)
+        extra = log_values(find_lora2_model(model))
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
@@ -103,12 +128,38 @@ class LoRA2Callback(TrainerCallback):
 
 
 class LoRA2Trainer(Trainer):
-    """A ``Trainer`` for LoRA2Model that installs ``LoRA2Callback`` first in the callback list, so
-    every logger and reporting integration sees the LoRA² values."""
+    """A ``Trainer`` for LoRA2Model: installs ``LoRA2Callback``, logs the LoRA² values before any
+    reporting integration sees the logs, and writes adapter-only checkpoints (adapter + allocator
+    state, no base weights, fine with tied embeddings) that ``resume_from_checkpoint`` reads back."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.args.label_names is None:
             self.label_names = find_labels(type(find_lora2_model(self.model).base_model))
-        if not any(isinstance(cb, LoRA2Callback) for cb in self.callback_handler.callbacks):
-            self.callback_handler.callbacks.insert(0, LoRA2Callback())
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LoRA2Callback)]
+        if not callbacks:
+            callbacks = [LoRA2Callback()]
+            self.callback_handler.callbacks.insert(0, callbacks[0])
+        for cb in callbacks:
+            cb.adapter_only_checkpoints = True
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        logs.update(log_values(find_lora2_model(self.model)))
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        find_lora2_model(self.model).save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        lora2_model = find_lora2_model(model if model is not None else self.model)
+        directory = Path(resume_from_checkpoint)
+        lora2_model.load_adapter_state(read_tensors(directory / WEIGHTS_NAME), source=f"checkpoint {directory}")
+        if (directory / ALLOCATOR_STATE_NAME).is_file():
+            lora2_model.allocator.load_state_dict(load_allocator_state(directory))
+        elif lora2_model.allocator.prunes:
+            raise RuntimeError(f"{directory} holds no LoRA² allocator state; the run cannot continue identically.")
