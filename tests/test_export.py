@@ -328,3 +328,18 @@ def test_import_errors(tmp_path):
     (tmp_path / PEFT_CONFIG_NAME).write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
         init_from_peft_lora(copy.deepcopy(narrow), tmp_path)
+
+
+def test_lora2_export_command(tmp_path, capsys):
+    from lora2.cli import main
+
+    model = trained_lora2("llama")
+    model.save_pretrained(tmp_path / "adapter")
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "peft"), "--exact-rank"]) == 0
+    out = capsys.readouterr().out
+    assert "PEFT LoRA adapter written to" in out and "exact ranks" in out
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    expected = {n: v["effective_rank"] for n, v in model.rank_pattern().items() if v["effective_rank"] > 0}
+    assert config["rank_pattern"] == expected
+    assert main(["export", "--adapter", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -15,8 +15,11 @@ __all__ = [
     "LoRA2Layer",
     "LoRA2Model",
     "LoRA2Trainer",
+    "PeftExport",
     "RankAllocator",
     "__version__",
+    "export_to_peft",
     "get_lora2_model",
+    "init_from_peft_lora",
     "orth_regularization",
 ]

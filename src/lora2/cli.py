@@ -54,6 +54,20 @@ def _glue(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _export(ns: argparse.Namespace) -> int:
+    from .export import export_to_peft
+
+    info = export_to_peft(ns.adapter, ns.out, exact_rank=ns.exact_rank, base_model_name_or_path=ns.base_model)
+    ranks = sorted(info.ranks.values())
+    print(f"PEFT LoRA adapter written to {info.out_dir}: {len(info.ranks)} matrices, "
+          f"rank {ranks[0]}–{ranks[-1]}" + (" (exact ranks)" if info.exact_rank else ""))
+    if info.dropped:
+        print(f"left out {len(info.dropped)} matrices whose singular values were all pruned")
+    if info.modules_to_save:
+        print(f"modules_to_save carried over: {', '.join(info.modules_to_save)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .glue.run import GlueArgs
 
@@ -66,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
                                       "a training log and (LoRA²/AdaLoRA/SoRA) a rank heatmap.")
     add_dataclass_arguments(glue, GlueArgs)
     glue.set_defaults(func=_glue)
+    export = sub.add_parser("export", help="Write a LoRA² adapter as a standard PEFT LoRA adapter.",
+                            description="Convert a LoRA² adapter (a save_pretrained directory) into PEFT's LoRA format "
+                                        "(adapter_config.json + adapter_model.safetensors), servable by any LoRA runtime.")
+    export.add_argument("--adapter", required=True, help="LoRA² adapter directory (lora2_config.json + weights).")
+    export.add_argument("--out", required=True, help="Directory for the PEFT adapter.")
+    export.add_argument("--exact-rank", action="store_true",
+                        help="Compress each matrix to its true rank (PEFT rank_pattern); drop fully pruned matrices.")
+    export.add_argument("--base-model", default=None,
+                        help="base_model_name_or_path to record (default: the one saved with the adapter).")
+    export.set_defaults(func=_export)
     return parser
 
 
