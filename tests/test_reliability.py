@@ -1,0 +1,178 @@
+"""Reliability: SIGKILL during writes, hostile and careless input (property-based where it fits),
+and numerical health under autocast."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lora2 import LoRA2Config, LoRA2Layer, LoRA2Model, get_lora2_model
+from lora2.persistence import WEIGHTS_NAME
+
+from .conftest import REPO, randomize_adapters, tiny_bert
+
+# -- SIGKILL while writing ----------------------------------------------------------------------
+WRITER = r"""
+import sys, torch
+from torch import nn
+import lora2
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(64, 64), nn.Linear(2048, 2048))
+wrapped = lora2.get_lora2_model(model, lora2.LoRA2Config(k=2, r=4, target_rank=4, target_modules=["0"],
+                                                          modules_to_save=["1"]))
+version = 0
+while True:
+    version += 1
+    with torch.no_grad():
+        wrapped.base_model[0].lam.fill_(version)
+        wrapped.base_model[1].weight.fill_(version)  # 16 MB: the write takes a while
+    wrapped.save_pretrained(sys.argv[1])
+    print(version, flush=True)
+"""
+
+
+def fresh_sequential() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 64), nn.Linear(2048, 2048))
+
+
+def test_sigkill_during_saves_never_leaves_a_half_written_adapter(tmp_path):
+    out = tmp_path / "adapter"
+    for attempt in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert proc.stdout.readline().strip()  # at least one complete save exists
+        time.sleep(0.05 + 0.11 * attempt)  # kill at different points of a write
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        loaded = LoRA2Model.from_pretrained(fresh_sequential(), out)
+        version = loaded.base_model[0].lam[0].item()
+        assert version >= 1
+        assert torch.all(loaded.base_model[0].lam == version)  # never a mix of two saves
+        assert torch.all(loaded.base_model[1].weight == version)
+    leftovers = [p.name for p in out.iterdir() if p.name not in (WEIGHTS_NAME, "lora2_config.json")]
+    assert all(name.startswith(".tmp") or (name.startswith(".") and name.endswith(".tmp")) for name in leftovers), \
+        leftovers  # hidden temporaries from killed writes: never read as an adapter
+
+
+# -- hostile and careless adapter files ---------------------------------------------------------
+@pytest.fixture
+def saved(tmp_path):
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_rank=4, target_modules=["query", "value"]))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/lora2-pwned",))
+
+
+def test_pickled_code_is_never_executed(saved):
+    (saved / WEIGHTS_NAME).write_bytes(pickle.dumps({"x": Boom()}))
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        LoRA2Model.from_pretrained(tiny_bert(), saved)
+    assert not os.path.exists("/tmp/lora2-pwned")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("k", "8", r"LoRA2Config\.k"), ("r", -1, r"LoRA2Config\.r"), ("target_rank", 9, r"LoRA2Config\.target_rank"),
+     ("importance", "magic", r"LoRA2Config\.importance"), ("orth_terms", ["xy"], r"LoRA2Config\.orth_terms"),
+     ("k", 0, r"LoRA2Config\.k")],
+)
+def test_hostile_adapter_configs_are_rejected_by_field(saved, field, value, message):
+    path = saved / "lora2_config.json"
+    meta = json.loads(path.read_text())
+    meta["config"][field] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        LoRA2Model.from_pretrained(tiny_bert(), saved)
+
+
+def test_a_peft_directory_is_not_mistaken_for_lora2(tmp_path):
+    (tmp_path / "adapter_model.bin").write_bytes(pickle.dumps({"x": Boom()}))
+    with pytest.raises(FileNotFoundError, match=r"lora2_config\.json"):
+        LoRA2Model.from_pretrained(tiny_bert(), tmp_path)
+    assert not os.path.exists("/tmp/lora2-pwned")
+
+
+# -- property-based: configs and shapes ---------------------------------------------------------
+values = st.one_of(st.none(), st.booleans(), st.integers(-3, 20), st.floats(allow_nan=True, allow_infinity=True),
+                   st.text(max_size=5), st.lists(st.sampled_from(["uv", "UV", "PQ", "pq", ""]), max_size=4))
+FIELDS = ["k", "r", "alpha", "dropout", "init_std", "target_rank", "target_total_rank", "init_warmup",
+          "final_warmup", "mask_interval", "beta1", "beta2", "total_step", "orth_reg_weight", "orth_terms",
+          "importance"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS), values, max_size=4))
+def test_any_config_is_valid_or_a_valueerror_naming_its_field(data):
+    try:
+        cfg = LoRA2Config(**data)
+    except ValueError as err:
+        assert "LoRA2Config." in str(err)
+        return
+    assert LoRA2Config.from_dict(json.loads(cfg.to_json_string())) == cfg  # valid configs round-trip
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(d_in=st.integers(1, 24), d_out=st.integers(1, 24), k=st.integers(1, 6), r=st.integers(1, 6),
+       seed=st.integers(0, 10_000))
+def test_any_shape_forward_matches_the_dense_update_and_merges_exactly(d_in, d_out, k, r, seed):
+    torch.manual_seed(seed)
+    layer = LoRA2Layer(nn.Linear(d_in, d_out).double(), k=k, r=r, alpha=2.0 * r, init_std=0.5).double()
+    with torch.no_grad():
+        layer.lam.normal_()
+        layer.mask.bernoulli_(0.5)
+    x = torch.randn(3, d_in, dtype=torch.float64)
+    dense = x @ layer.base_layer.weight.T + layer.base_layer.bias + x @ layer.get_delta_weight().T
+    torch.testing.assert_close(layer(x), dense)
+    expected_rank = int(torch.linalg.matrix_rank(layer.get_delta_weight()).item())
+    assert layer.effective_rank() == expected_rank <= min(k, int(layer.mask.sum().item()))
+    layer.merge()
+    torch.testing.assert_close(layer(x), dense)
+
+
+# -- numerical health ---------------------------------------------------------------------------
+def test_bf16_autocast_keeps_allocator_statistics_in_float32():
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_rank=1, target_modules=["query", "value"],
+                                                     total_step=10, init_warmup=1, final_warmup=2, mask_interval=1))
+    randomize_adapters(model, std=0.1)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(1, 5):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=torch.randint(0, 120, (4, 7)), labels=torch.tensor([0, 1, 0, 1])).loss
+        loss.backward()
+        optimizer.step()
+        model.update_and_allocate(step)
+        optimizer.zero_grad()
+    assert all(t.dtype == torch.float32 for t in (*model.allocator.ema_i.values(), *model.allocator.ema_u.values()))
+    assert all(layer.lam.dtype == torch.float32 for layer in model.lora2_layers.values())
+    assert model.allocator.masks().sum().item() < 4 * len(model.lora2_layers)  # it pruned
+
+
+def test_partial_checkpoints_are_never_resumed_from(tmp_path):
+    from lora2.glue.checkpoint import OPTIMIZER_NAME, latest_checkpoint, load_checkpoint, save_checkpoint
+
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=1, r=2, target_rank=2, target_modules=["query"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    state = {"step": 4, "epoch": 0, "batches_done": 4, "history": [], "best": {}, "train_time": 1.0, "total_steps": 9}
+    save_checkpoint(tmp_path / "checkpoint-4", model, optimizer, scheduler, state, torch.Generator().get_state())
+    (tmp_path / ".checkpoint-8.abc123").mkdir()  # a kill during the write of checkpoint-8 leaves its temp dir
+    (tmp_path / "checkpoint-12").mkdir()  # or a directory without its completion marker
+    assert latest_checkpoint(tmp_path).name == "checkpoint-4"
+    (tmp_path / "checkpoint-4" / OPTIMIZER_NAME).write_bytes(b"\x80\x04truncated")
+    with pytest.raises(ValueError, match="cannot be read safely"):
+        load_checkpoint(tmp_path / "checkpoint-4", model, optimizer, scheduler)
