@@ -22,7 +22,7 @@ example: setup
 
 # LoRA² on RTE with the default model (all-MiniLM-L6-v2): dev accuracy and the rank heatmap, < 15 min on 2 cores
 demo: setup
-	$(PY) -m lora2 glue --task rte --method lora2 --data-dir $(LORA2_GLUE_DIR) --epochs 5 --output-dir runs/demo-rte
+	$(PY) -m lora2 glue --task rte --method lora2 --data-dir $(LORA2_GLUE_DIR) --epochs 5 --max-length 64 --output-dir runs/demo-rte
 
 test: setup
 	$(PY) -m pytest
