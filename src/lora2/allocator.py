@@ -108,24 +108,33 @@ class RankAllocator:
                 f"update_and_allocate(step={step}) found no gradients: call it after optimizer.step() and before "
                 "optimizer.zero_grad(), while the gradients of this step still exist."
             )
-        for name, ps in params.items():
-            for layer_name, p in zip(self.names, ps, strict=True):
-                if not bool(torch.isfinite(p.detach()).all()):
-                    raise FloatingPointError(
-                        f"{name} of {layer_name} holds NaN/inf at step {step}: training has diverged. Lower the "
-                        "learning rate or enable gradient clipping; the allocator refuses to build a mask from it."
-                    )
-        for name, ps in params.items():
-            grads = [p.grad for p in ps if p.grad is not None]
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
-                layer_name = next(ln for ln, p in zip(self.names, ps, strict=True)
-                                  if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
-                self.skipped_steps += 1
-                msg = (f"LoRA² allocator: non-finite gradient of {name} in {layer_name} at step {step}; the step's "
-                       "statistics are skipped (expected when an fp16 GradScaler skips an optimizer step).")
-                warnings.warn(msg, RuntimeWarning, stacklevel=4)
-                return False
-        if all(not bool(p.grad.any()) for p in params["lam"] if p.grad is not None):
+        # One batched check and one host sync in the common case; the loops only run to name a culprit.
+        values = [p.detach().reshape(-1) for ps in params.values() for p in ps]
+        grads = [p.grad.reshape(-1) for ps in params.values() for p in ps if p.grad is not None]
+        lam_grads = [p.grad.reshape(-1) for p in params["lam"] if p.grad is not None]
+        no_lam_grad = torch.zeros((), dtype=torch.bool, device=values[0].device)
+        flags = torch.stack([torch.isfinite(torch.cat(values)).all(), torch.isfinite(torch.cat(grads)).all(),
+                             torch.cat(lam_grads).any() if lam_grads else no_lam_grad])
+        values_finite, grads_finite, lam_nonzero = flags.tolist()
+        if not values_finite:
+            for name, ps in params.items():
+                for layer_name, p in zip(self.names, ps, strict=True):
+                    if not bool(torch.isfinite(p.detach()).all()):
+                        raise FloatingPointError(
+                            f"{name} of {layer_name} holds NaN/inf at step {step}: training has diverged. Lower the "
+                            "learning rate or enable gradient clipping; the allocator refuses to build a mask from it."
+                        )
+        if not grads_finite:
+            for name, ps in params.items():
+                bad = [ln for ln, p in zip(self.names, ps, strict=True)
+                       if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+                if bad:
+                    self.skipped_steps += 1
+                    msg = (f"LoRA² allocator: non-finite gradient of {name} in {bad[0]} at step {step}; the step's "
+                           "statistics are skipped (expected when an fp16 GradScaler skips an optimizer step).")
+                    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+                    return False
+        if not lam_nonzero:
             warnings.warn(
                 f"update_and_allocate(step={step}): every gradient of lam is zero. If zero_grad() ran before this call, "
                 "importance is meaningless and pruning would follow position; call it before zero_grad().",
