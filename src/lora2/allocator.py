@@ -93,10 +93,6 @@ class RankAllocator:
         grad = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
         return (theta * grad).abs_()
 
-    def _first_bad_layer(self, value: torch.Tensor) -> str:
-        bad = torch.nonzero(~torch.isfinite(value.reshape(len(self.layers), -1)).all(dim=1))[0, 0].item()
-        return self.names[bad]
-
     def check_gradients(self, step: int) -> bool:
         """Validate the tracked entries before using them. False: skip this step (non-finite gradients,
         e.g. an fp16 GradScaler overflow that also skipped the optimizer step). Raises on NaN/inf

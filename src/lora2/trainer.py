@@ -102,8 +102,8 @@ class LoRA2Callback(TrainerCallback):
         find_lora2_model(model).update_and_allocate(state.global_step + 1)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs is None or model is None:
-            return
+        if logs is None or model is None or "lora2_active_sv" in logs:
+            return  # LoRA2Trainer.log already added the values (and the history entry has them)
         extra = log_values(find_lora2_model(model))
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
