@@ -2,7 +2,7 @@
 under a CPU-sized protocol, filled over as many sittings as it takes.
 
     python benchmarks/glue.py run [--order priority] [--only table1,orth] [--tasks rte,mrpc] [--seeds 0]
-                                  [--max-runs N] [--dry-run]
+                                  [--max-runs N] [--shard I/N] [--dry-run]
     python benchmarks/glue.py tables
 
 ``benchmarks/glue_protocol.json`` says what to run: per-task settings (length, epochs, evaluation
@@ -12,7 +12,9 @@ Each run trains in ``runs/benchmarks/glue/<group>/<task>-<variant>-s<seed>/`` (g
 ``results.json`` is copied to ``benchmarks/results/glue/<group>/<task>-<variant>-s<seed>.json``, and a
 run whose copy exists is skipped, so an interrupted sweep resumes where it stopped. A run whose
 settings are those of a finished run of another group (e.g. the ablations' "all terms" variant and
-Table 1's LoRA² at the same seed) reuses that result instead of training again.
+Table 1's LoRA² at the same seed) reuses that result instead of training again. ``--shard I/N`` splits
+the runs to train between N worker processes started together (worker I takes every N-th), so a
+machine with N cores runs N one-thread workers side by side.
 
 ``tables`` reads every result file the protocol names and writes ``benchmarks/results/glue_tables.md``:
 per table the main metric of each task (×100) as mean ± sample standard deviation over seeds, once
@@ -48,6 +50,9 @@ SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 NON_IDENTITY = ("output_dir", "data_dir", "no_progress", "num_threads", "device", "resume_from_checkpoint",
                 "save_steps", "save_total_limit", "logging_steps", "eval_batch_size")
 DASH = "—"
+# GlueArgs fields added after results were recorded: left out of a run's identity while at their
+# default, so the keys of earlier results (which predate the field) stay valid
+ADDED_LATER = ("init", "init_std")
 
 
 # -- protocol -------------------------------------------------------------------------------------
@@ -170,8 +175,10 @@ def validate_args(args: dict[str, Any]) -> None:
 
 def run_key(args: dict[str, Any], defaults: dict[str, Any] | None = None) -> str:
     """What a run trains, with GlueArgs' defaults filled in: equal keys, equal runs."""
-    full = {**(glue_defaults() if defaults is None else defaults), **args}
-    full = {k: v for k, v in full.items() if k not in NON_IDENTITY}
+    base = glue_defaults() if defaults is None else defaults
+    full = {**base, **args}
+    full = {k: v for k, v in full.items()
+            if k not in NON_IDENTITY and not (k in ADDED_LATER and k in base and v == base[k])}
     return json.dumps(full, sort_keys=True)
 
 
@@ -195,7 +202,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # one temp file per worker process
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
@@ -237,6 +244,28 @@ def plan(runs: list[Run], results_dir: Path, defaults: dict[str, Any]) -> list[t
     return out
 
 
+def shard_steps(steps: list[tuple[Run, str, str]], index: int, count: int) -> list[tuple[Run, str, str]]:
+    """Worker ``index`` of ``count`` keeps every count-th run to train (in order) and all others (done/reuse)."""
+    out, nth = [], 0
+    for step in steps:
+        if step[2] == "todo":
+            nth += 1
+            if (nth - 1) % count != index:
+                continue
+        out.append(step)
+    return out
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N, e.g. 0/2") from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= I < N")
+    return index, count
+
+
 def _estimate(pending: list[Run], results_dir: Path) -> str:
     walls: dict[str, list[float]] = {}
     for path in Path(results_dir).glob("*/*.json"):
@@ -272,6 +301,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     for run in runs:
         validate_args(run.args)
     steps = plan(runs, results_dir, defaults)
+    if ns.shard is not None:
+        steps = shard_steps(steps, *ns.shard)
     counts = {s: sum(1 for _, _, st in steps if st == s) for s in ("done", "reuse", "todo")}
     print(f"{len(runs)} runs: {counts['done']} done, {counts['reuse']} to reuse, {counts['todo']} to train "
           f"({_estimate([r for r, _, s in steps if s == 'todo'], results_dir)}).", flush=True)
@@ -284,7 +315,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         os.environ["LORA2_GLUE_DIR"] = str(SHARED_GLUE)
     protocol_id = f"{protocol.get('name', 'protocol')}@{protocol_hash(ns.protocol)}"
     trained, failed = 0, []
-    for run, key, _ in steps:
+    for run, key, status in steps:
         target = run.result_path(results_dir)
         if target.exists():
             stored = (read_json(target) or {}).get("benchmark", {})
@@ -293,6 +324,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
                       "delete it to run it again.", flush=True)
             continue
         source = finished_index(results_dir).get(key)
+        if source is None and status == "reuse" and ns.shard is not None:
+            print(f"skip {run.group}/{run.run_id}: its equal run belongs to another shard; rerun to copy it.", flush=True)
+            continue
         if source is not None:
             data = read_json(source) or {}
             write_json(target, stamp(data, run, key, data.get("benchmark", {}).get("protocol", protocol_id),
@@ -456,7 +490,9 @@ def render_tables(protocol: dict[str, Any], results_dir: Path, command: str | No
 def write_tables(protocol: dict[str, Any], results_dir: Path, out: Path, command: str | None = None,
                  protocol_path: str | Path = PROTOCOL) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_tables(protocol, results_dir, command, protocol_path), encoding="utf-8")
+    tmp = out.with_suffix(f"{out.suffix}.{os.getpid()}.tmp")
+    tmp.write_text(render_tables(protocol, results_dir, command, protocol_path), encoding="utf-8")
+    os.replace(tmp, out)
     return out
 
 
@@ -493,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--order", choices=["protocol", "priority"], default="protocol",
                      help="protocol: group, task, variant, seed; priority: the protocol's 'priority' rules first.")
     run.add_argument("--max-runs", type=int, help="Train at most N runs, then stop (reused results do not count).")
+    run.add_argument("--shard", type=_shard, help="I/N: train only every N-th pending run starting at I (parallel workers).")
     run.add_argument("--dry-run", action="store_true", help="List the runs and their status; train nothing.")
     run.add_argument("--runs-dir", default=str(RUNS_DIR), help="Run directories (default: %(default)s).")
     run.add_argument("--progress", action="store_true", help="Show progress bars.")

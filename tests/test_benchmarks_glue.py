@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -26,7 +27,7 @@ def protocol():
 def test_protocol_expands_to_the_counts_of_the_issue(protocol):
     runs = bench.expand(protocol)
     per_group = {g: sum(1 for r in runs if r.group == g) for g in protocol["groups"]}
-    assert per_group == {"table1": 4 * 4 * 3, "orth": 5 * 2, "targets": 4 * 2, "importance": 2 * 2}
+    assert per_group == {"table1": 4 * 4 * 3, "orth": 5 * 2, "targets": 4 * 2, "importance": 2 * 2, "short_budget": 3 * 2}
     assert len({(r.group, r.run_id) for r in runs}) == len(runs)  # every run has its own file
     # the variant ids differ case-insensitively (uv vs UV), so the files do on any file system
     assert len({str(r.result_path(Path("x"))).lower() for r in runs}) == len(runs)
@@ -60,8 +61,35 @@ def test_equal_settings_share_a_key_and_others_do_not(protocol):
     base = key["table1", "rte", "lora2", 0]
     same = {k for k, v in key.items() if v == base}
     assert same == {("table1", "rte", "lora2", 0), ("orth", "rte", "all", 0), ("targets", "rte", "ALL", 0),
-                    ("importance", "rte", "reduced", 0)}
-    assert len(set(key.values())) == len(key) - 3
+                    ("importance", "rte", "reduced", 0), ("short_budget", "rte", "gaussian", 0)}
+    assert len(set(key.values())) == len(key) - 4
+
+
+def test_options_added_later_keep_earlier_keys_valid(protocol):
+    """A GlueArgs field added after results were recorded (init, init_std) is left out of the key at
+    its default, so a result stored before the field existed still matches; a non-default value counts."""
+    args = bench.expand(protocol, only=["table1"], tasks=["rte"], seeds=[0])[0].args
+    defaults = bench.glue_defaults()
+    old_defaults = {k: v for k, v in defaults.items() if k not in bench.ADDED_LATER}
+    assert bench.run_key(args, defaults) == bench.run_key(args, old_defaults)
+    assert '"init"' not in bench.run_key(args, defaults)
+    orth = bench.run_key({**args, "init": "orthogonal"}, defaults)
+    assert orth != bench.run_key(args, defaults) and '"init": "orthogonal"' in orth
+
+
+def test_shards_split_the_runs_to_train_and_keep_the_rest():
+    steps = [(bench.Run("g", "rte", f"v{i}", 0, {}), f"k{i}", status)
+             for i, status in enumerate(["done", "todo", "todo", "reuse", "todo", "todo", "todo"])]
+    first = bench.shard_steps(steps, 0, 2)
+    second = bench.shard_steps(steps, 1, 2)
+    todo = lambda part: [s[1] for s in part if s[2] == "todo"]  # noqa: E731
+    assert todo(first) == ["k1", "k4", "k6"] and todo(second) == ["k2", "k5"]
+    assert [s[1] for s in first if s[2] != "todo"] == ["k0", "k3"] == [s[1] for s in second if s[2] != "todo"]
+    assert bench.shard_steps(steps, 0, 1) == steps
+    assert bench._shard("1/3") == (1, 3)
+    for bad in ("3/3", "x", "1/0", "-1/2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--shard"):
+            bench._shard(bad)
 
 
 def test_priority_order_fills_the_most_important_cells_first(protocol):
@@ -72,7 +100,8 @@ def test_priority_order_fills_the_most_important_cells_first(protocol):
     nxt = runs[8:19]
     assert {r.task for r in nxt} == {"rte"} and {r.group for r in nxt} == {"orth", "targets", "importance"}
     assert {r.task for r in runs[19:30]} == {"mrpc"} and {r.group for r in runs[19:30]} == {"orth", "targets", "importance"}
-    assert [r.seed for r in runs[30:]] == sorted(r.seed for r in runs[30:])
+    assert {r.group for r in runs[30:36]} == {"short_budget"}
+    assert [r.seed for r in runs[36:]] == sorted(r.seed for r in runs[36:])
     assert len(runs) == len(bench.expand(protocol))
     assert bench.order_runs(runs, protocol, "protocol") == runs
 

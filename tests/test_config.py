@@ -21,6 +21,7 @@ def test_defaults_are_the_papers():
     [
         ("k", 0), ("k", -1), ("k", 1.5), ("k", True), ("r", 0), ("r", "8"),
         ("alpha", 0), ("alpha", float("nan")), ("dropout", 1.0), ("dropout", -0.1), ("init_std", 0),
+        ("init", "xavier"),
         ("target_rank", 9), ("target_rank", 0), ("target_total_rank", 0),
         ("init_warmup", -1), ("final_warmup", 2.0), ("mask_interval", 0),
         ("beta1", 1.0), ("beta2", 0.0), ("total_step", 0), ("orth_reg_weight", -0.1),

@@ -55,6 +55,34 @@ def test_output_equals_base_at_initialisation(kind):
     assert layer.p_outer.std().item() == pytest.approx(0.02, rel=0.3)
 
 
+@pytest.mark.parametrize("k,r", [(1, 8), (3, 6), (8, 4)])
+def test_orthogonal_init_starts_at_the_regularisers_target(k, r):
+    """init='orthogonal': every factor's Gram over its smaller side is I (R_uv = R_UV = 0), R_PQ sits
+    at its floor, and the update is still exactly zero because lam starts at zero."""
+    from lora2.regularizer import layer_terms
+
+    torch.manual_seed(0)
+    base = nn.Linear(D_IN, D_OUT)
+    layer = LoRA2Layer(base, k=k, r=r, alpha=16.0, init="orthogonal").double()
+    for name in ("p_outer", "p_inner", "q_inner", "q_outer"):
+        w = getattr(layer, name)
+        gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+        torch.testing.assert_close(gram, torch.eye(min(w.shape), dtype=torch.float64), atol=1e-6, rtol=0)
+    terms = layer_terms(layer, ("uv", "UV", "PQ"))
+    assert terms["uv"].item() == pytest.approx(0.0, abs=1e-10)
+    assert terms["UV"].item() == pytest.approx(0.0, abs=1e-10)
+    # PᵀP = p_innerᵀ p_inner (r×r) has min(k, r) unit eigenvalues: ‖PᵀP − I‖² = r − min(k, r), twice (P and Q)
+    assert terms["PQ"].item() == pytest.approx(2 * (r - min(k, r)), abs=1e-6)
+    x = torch.randn(4, D_IN, dtype=torch.float64)
+    assert torch.equal(layer(x), layer.base_layer(x))
+    assert torch.count_nonzero(layer.get_delta_weight()) == 0
+
+
+def test_unknown_init_is_rejected():
+    with pytest.raises(ValueError, match="orthogonal"):
+        LoRA2Layer(nn.Linear(4, 4), k=1, r=2, alpha=2.0, init="xavier")
+
+
 class AllocationRecorder(TorchDispatchMode):
     """Records the shape of every tensor an op allocates (outputs that share no input storage)."""
 

@@ -15,6 +15,7 @@ from typing import Any
 
 ORTH_TERMS = ("uv", "UV", "PQ")
 IMPORTANCE_KINDS = ("reduced", "full")
+FACTOR_INITS = ("gaussian", "orthogonal")
 CONFIG_NAME = "lora2_config.json"
 
 # Suffixes of the "ALL" target set (SPEC §7) for architectures users fine-tune most.
@@ -53,6 +54,11 @@ class LoRA2Config:
     alpha: float = field(default=32.0, metadata={"help": "Scaling numerator; the update is scaled by alpha / r."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
     init_std: float = field(default=0.02, metadata={"help": "Std of the Gaussian init of the four factors."})
+    init: str = field(
+        default="gaussian",
+        metadata={"help": "Factor init: 'gaussian' (N(0, init_std²), the spec's default) or 'orthogonal' "
+                  "(semi-orthonormal factors, the regulariser's target; lam = 0 either way, so Δ = 0 at step 0)."},
+    )
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
@@ -111,6 +117,8 @@ class LoRA2Config:
             if not _is_number(value) or value < 0 or (value == 0 and not low_ok):
                 bound = ">= 0" if low_ok else "> 0"
                 raise ValueError(f"LoRA2Config.{name} must be a finite number {bound}, got {value!r}.")
+        if self.init not in FACTOR_INITS:
+            raise ValueError(f"LoRA2Config.init must be one of {', '.join(map(repr, FACTOR_INITS))}, got {self.init!r}.")
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA2Config.dropout must be a number in [0, 1), got {self.dropout!r}.")
         for name in ("beta1", "beta2"):

@@ -76,8 +76,26 @@ def effective_rank_of_factors(f: dict[str, torch.Tensor], scaling: float = 1.0) 
 class LoRA2Layer(nn.Module):
     """A frozen linear map plus the LoRA² update ``s · x (P Λ Q)``."""
 
+    def reset_factors(self, init: str = "gaussian", init_std: float = 0.02) -> None:
+        """Initialise the four factors; ``lam`` is left at zero so the update starts at Δ = 0.
+
+        ``gaussian`` is the spec's N(0, init_std²). ``orthogonal`` starts each factor where the
+        regulariser wants it (Gram over the smaller side = I): with the Gaussian init the inner
+        factors start at norm ≈ init_std·√r, so the five-factor product needs hundreds of steps
+        before the update moves the model, too long for short budgets.
+        """
+        for name in ("p_outer", "p_inner", "q_inner", "q_outer"):
+            weight = getattr(self, name)
+            with torch.no_grad():
+                if init == "orthogonal":
+                    nn.init.orthogonal_(weight)
+                elif init == "gaussian":
+                    nn.init.normal_(weight, mean=0.0, std=init_std)
+                else:
+                    raise ValueError(f"Unknown LoRA² factor init {init!r}; use 'gaussian' or 'orthogonal'.")
+
     def __init__(self, base_layer: nn.Module, k: int, r: int, alpha: float, dropout: float = 0.0,
-                 init_std: float = 0.02) -> None:
+                 init_std: float = 0.02, init: str = "gaussian") -> None:
         super().__init__()
         d_in, d_out, self.fan_in_fan_out = base_shape(base_layer)
         self.base_layer = base_layer
@@ -93,8 +111,7 @@ class LoRA2Layer(nn.Module):
         self.q_inner = nn.Parameter(torch.empty(r, k, **factory))
         self.q_outer = nn.Parameter(torch.empty(k, d_out, **factory))
         self.register_buffer("mask", torch.ones(r, **factory))
-        for name in ("p_outer", "p_inner", "q_inner", "q_outer"):
-            nn.init.normal_(getattr(self, name), mean=0.0, std=init_std)
+        self.reset_factors(init, init_std)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False

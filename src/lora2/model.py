@@ -164,7 +164,7 @@ class LoRA2Model(nn.Module):
             if unused:
                 warnings.warn(f"target_modules entries {unused} matched no module and were ignored.", stacklevel=3)
         for name, module in found:
-            layer = LoRA2Layer(module, cfg.k, cfg.r, cfg.alpha, cfg.dropout, cfg.init_std)
+            layer = LoRA2Layer(module, cfg.k, cfg.r, cfg.alpha, cfg.dropout, cfg.init_std, cfg.init)
             _set_submodule(self.base_model, name, layer)
             self.lora2_layers[name] = layer
 

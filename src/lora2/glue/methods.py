@@ -29,6 +29,7 @@ class MethodArgs:
     target_rank: int = 2
     dropout: float = 0.0
     init_std: float = 0.02
+    init: str = "gaussian"
     orth_reg_weight: float = 0.1
     orth_terms: tuple[str, ...] = ("uv", "UV", "PQ")
     importance: str = "reduced"
@@ -106,6 +107,7 @@ def build_method(method: str, base: nn.Module, args: MethodArgs, total_steps: in
     noop = lambda step, lr: None  # noqa: E731
     if method == "lora2":
         config = LoRA2Config(k=args.k, r=args.r, alpha=args.alpha, dropout=args.dropout, init_std=args.init_std,
+                             init=args.init,
                              target_modules=targets, modules_to_save=heads, target_rank=args.target_rank,
                              init_warmup=args.init_warmup, final_warmup=args.final_warmup,
                              mask_interval=args.mask_interval, beta1=args.beta1, beta2=args.beta2,

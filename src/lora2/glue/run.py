@@ -73,6 +73,10 @@ class GlueArgs:
     alpha: float | None = field(default=None, metadata={"help": "LoRA²: scaling numerator (paper: 32, 16 for SST-2)."})
     target_rank: int = field(default=2, metadata={"help": "LoRA²: average singular values kept per matrix."})
     orth_reg_weight: float = field(default=0.1, metadata={"help": "LoRA² and AdaLoRA: orthogonality weight γ."})
+    init: str = field(default="gaussian", metadata={
+        "help": "LoRA²: factor init, 'gaussian' (the spec's N(0, init_std²)) or 'orthogonal' (the regulariser's target).",
+        "choices": ["gaussian", "orthogonal"]})
+    init_std: float = field(default=0.02, metadata={"help": "LoRA²: std of the Gaussian factor init."})
     orth_terms: str = field(default="uv,UV,PQ", metadata={"help": "LoRA²: regulariser terms, a subset of uv,UV,PQ."})
     importance: str = field(default="reduced", metadata={
         "help": "LoRA²: 'reduced' (Eq. 9) or 'full' (Eq. 8).", "choices": ["reduced", "full"]})
@@ -117,6 +121,10 @@ class GlueArgs:
             raise ValueError(f"--epochs must be > 0, got {self.epochs}.")
         if self.alpha is None:
             self.alpha = 16.0 if task.name == "sst2" else 32.0
+        if self.init not in ("gaussian", "orthogonal"):
+            raise ValueError(f"--init must be 'gaussian' or 'orthogonal', got {self.init!r}.")
+        if not self.init_std > 0:
+            raise ValueError(f"--init-std must be > 0, got {self.init_std}.")
 
 
 def default_model_path() -> str:
@@ -233,7 +241,8 @@ def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] 
     final_warmup = args.final_warmup if args.final_warmup is not None else round(FINAL_WARMUP_FRACTION * total_steps)
     method_args = MethodArgs(
         target_modules=args.target_modules.split(",") if args.target_modules else None, k=args.k, r=args.r,
-        alpha=args.alpha, target_rank=args.target_rank, dropout=args.dropout, orth_reg_weight=args.orth_reg_weight,
+        alpha=args.alpha, target_rank=args.target_rank, dropout=args.dropout, init=args.init,
+        init_std=args.init_std, orth_reg_weight=args.orth_reg_weight,
         orth_terms=tuple(t for t in args.orth_terms.split(",") if t), importance=args.importance,
         init_warmup=init_warmup, final_warmup=final_warmup, mask_interval=args.mask_interval, beta1=args.beta1,
         beta2=args.beta2, lora_r=args.lora_r, lora_alpha=args.lora_alpha, adalora_init_r=args.adalora_init_r,

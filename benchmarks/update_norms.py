@@ -1,0 +1,122 @@
+"""How far did each adapter move the base weights? ‖s·ΔW‖_F / ‖W0‖_F per adapted matrix, from saved adapters.
+
+    python benchmarks/update_norms.py [RUN_DIR ...]     (default: every run under runs/benchmarks/glue/)
+
+A method can only beat the frozen-base floor if its update is large enough to change the model's
+predictions; this reads the adapters the GLUE runs saved (LoRA²: ``lora2_adapter.safetensors``; PEFT
+LoRA and AdaLoRA: ``adapter_model.safetensors``), rebuilds each ΔW from its factors and reports the
+median and maximum relative update over the adapted matrices, next to the run's final dev metric.
+Writes ``benchmarks/results/update_norms.md``. Runs without a low-rank adapter (BitFit, full) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve().parent
+RUNS = HERE.parent / "runs" / "benchmarks" / "glue"
+OUT = HERE / "results" / "update_norms.md"
+
+
+def base_weights(model_dir: str) -> dict[str, torch.Tensor]:
+    """Base model weights keyed without the architecture prefix ('encoder.layer.0....weight')."""
+    sd = load_file(os.path.join(model_dir, "model.safetensors"))
+    return {k.split("bert.", 1)[-1] if k.startswith("bert.") else k: v.float() for k, v in sd.items()}
+
+
+def _module_key(name: str) -> str:
+    """'base_model.model.bert.encoder.layer.0.attention.self.query' → 'encoder.layer.0.attention.self.query'."""
+    i = name.find("encoder.")
+    return name[i:] if i >= 0 else name
+
+
+def lora2_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    sd = {k: v.double() for k, v in load_file(str(adapter / "lora2_adapter.safetensors")).items()}
+    cfg = json.loads((adapter / "lora2_config.json").read_text())["config"]
+    scaling = cfg["alpha"] / cfg["r"]
+    out = {}
+    for key in sd:
+        if key.endswith(".lam"):
+            m = key[: -len(".lam")]
+            core = sd[f"{m}.p_inner"] @ torch.diag(sd[key] * sd.get(f"{m}.mask", torch.ones_like(sd[key]))) @ sd[f"{m}.q_inner"]
+            out[_module_key(m)] = (scaling * sd[f"{m}.p_outer"] @ core @ sd[f"{m}.q_outer"]).T  # (d_out, d_in)
+    return out
+
+
+def peft_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    sd = {k: v.double() for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    out = {}
+    for key in sd:
+        if not key.endswith("lora_A.weight") and not key.endswith("lora_A"):
+            continue
+        m = key.rsplit(".lora_A", 1)[0]
+        suffix = ".weight" if key.endswith(".weight") else ""
+        a, b = sd[key], sd[f"{m}.lora_B{suffix}"]
+        if cfg["peft_type"] == "ADALORA":  # ΔW = B (A ⊙ E) · alpha / ranknum, ranknum = init_r (PEFT)
+            out[_module_key(m)] = b @ (a * sd[f"{m}.lora_E{suffix}"]) * cfg["lora_alpha"] / (cfg["init_r"] + 1e-5)
+        else:
+            out[_module_key(m)] = b @ a * cfg["lora_alpha"] / cfg["r"]
+    return out
+
+
+def run_row(run_dir: Path, w0: dict[str, torch.Tensor]) -> dict | None:
+    adapter = run_dir / "adapter"
+    if (adapter / "lora2_adapter.safetensors").exists():
+        deltas = lora2_deltas(adapter)
+    elif (adapter / "adapter_model.safetensors").exists():
+        deltas = peft_deltas(adapter)
+    else:
+        return None
+    rel = []
+    for name, delta in deltas.items():
+        weight = w0.get(f"{name}.weight")
+        if weight is None:
+            raise KeyError(f"{run_dir}: no base weight for adapted module {name!r}; is this a MiniLM run?")
+        rel.append(delta.norm().item() / weight.double().norm().item())
+    results = json.loads((run_dir / "results.json").read_text())
+    metric = results["main_metric"]
+    return {"run": f"{run_dir.parent.name}/{run_dir.name}", "method": results.get("method", "?"),
+            "matrices": len(rel), "median": statistics.median(rel), "max": max(rel),
+            "final": results["final"][metric], "metric": metric}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="*", help="Run directories (default: every run under runs/benchmarks/glue).")
+    ap.add_argument("--out", default=str(OUT), help="Markdown output (default: %(default)s).")
+    ns = ap.parse_args(argv)
+    from lora2.glue.run import default_model_path
+
+    w0 = base_weights(default_model_path())
+    dirs = [Path(p) for p in ns.runs] or sorted(p.parent for p in RUNS.glob("*/*/results.json"))
+    if not dirs:
+        ap.error(f"no run directories found under {RUNS}; run benchmarks/glue.py run first or pass RUN_DIRs.")
+    rows = [row for d in dirs if (row := run_row(d, w0)) is not None]
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/update_norms.py", *sys.argv[1:]])
+    lines = ["# Relative size of the learned update, ‖ΔW‖_F / ‖W0‖_F over adapted matrices", "",
+             f"Command: `{command}` (reads the adapters the GLUE protocol runs saved).", "",
+             "| run | method | matrices | median | max | final dev metric |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['run']} | {r['method']} | {r['matrices']} | {r['median']:.2e} | {r['max']:.2e} | "
+              f"{r['metric']} {100 * r['final']:.2f} |" for r in rows]
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    print("\n".join(lines[4:]))
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
