@@ -27,7 +27,8 @@ def protocol():
 def test_protocol_expands_to_the_counts_of_the_issue(protocol):
     runs = bench.expand(protocol)
     per_group = {g: sum(1 for r in runs if r.group == g) for g in protocol["groups"]}
-    assert per_group == {"table1": 4 * 4 * 3, "orth": 5 * 2, "targets": 4 * 2, "importance": 2 * 2, "short_budget": 3 * 2}
+    assert per_group == {"table1": 4 * 4 * 3, "orth": 5 * 2, "targets": 4 * 2, "importance": 2 * 2, "short_budget": 3 * 2,
+                         "long_budget": 3}
     assert len({(r.group, r.run_id) for r in runs}) == len(runs)  # every run has its own file
     # the variant ids differ case-insensitively (uv vs UV), so the files do on any file system
     assert len({str(r.result_path(Path("x"))).lower() for r in runs}) == len(runs)
@@ -101,7 +102,8 @@ def test_priority_order_fills_the_most_important_cells_first(protocol):
     assert {r.task for r in nxt} == {"rte"} and {r.group for r in nxt} == {"orth", "targets", "importance"}
     assert {r.task for r in runs[19:30]} == {"mrpc"} and {r.group for r in runs[19:30]} == {"orth", "targets", "importance"}
     assert {r.group for r in runs[30:36]} == {"short_budget"}
-    assert [r.seed for r in runs[36:]] == sorted(r.seed for r in runs[36:])
+    assert [r.seed for r in runs[36:-3]] == sorted(r.seed for r in runs[36:-3])
+    assert {r.group for r in runs[-3:]} == {"long_budget"}
     assert len(runs) == len(bench.expand(protocol))
     assert bench.order_runs(runs, protocol, "protocol") == runs
 
