@@ -13,12 +13,10 @@ Each run trains in ``runs/benchmarks/glue/<group>/<task>-<variant>-s<seed>/`` (g
 run whose copy exists is skipped, so an interrupted sweep resumes where it stopped. A run whose
 settings are those of a finished run of another group (e.g. the ablations' "all terms" variant and
 Table 1's LoRA² at the same seed) reuses that result instead of training again. ``--shard I/N`` splits
-the runs to train between N worker processes started together (worker I takes every N-th), so a
-machine with N cores runs N one-thread workers side by side.
+the runs to train between N worker processes (a hash of the run's name picks the worker, so workers
+started at different times or with different filters never train the same run); a machine with N
+cores runs N one-thread workers side by side.
 
-``tables`` reads every result file the protocol names and writes ``benchmarks/results/glue_tables.md``:
-per table the main metric of each task (×100) as mean ± sample standard deviation over seeds, once
-for the final evaluation and once for the best evaluation during training.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ import statistics
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +49,10 @@ SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 NON_IDENTITY = ("output_dir", "data_dir", "no_progress", "num_threads", "device", "resume_from_checkpoint",
                 "save_steps", "save_total_limit", "logging_steps", "eval_batch_size")
 DASH = "—"
-# GlueArgs fields added after results were recorded: left out of a run's identity while at their
-# default, so the keys of earlier results (which predate the field) stay valid
-ADDED_LATER = ("init", "init_std")
+# GlueArgs fields added after results were recorded, with the value every earlier run implicitly had:
+# left out of a run's identity at that value, so the keys of earlier results stay valid (even if the
+# field's default changes later)
+ADDED_LATER = {"init": "gaussian", "init_std": 0.02}
 
 
 # -- protocol -------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def run_key(args: dict[str, Any], defaults: dict[str, Any] | None = None) -> str
     base = glue_defaults() if defaults is None else defaults
     full = {**base, **args}
     full = {k: v for k, v in full.items()
-            if k not in NON_IDENTITY and not (k in ADDED_LATER and k in base and v == base[k])}
+            if k not in NON_IDENTITY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return json.dumps(full, sort_keys=True)
 
 
@@ -244,16 +244,15 @@ def plan(runs: list[Run], results_dir: Path, defaults: dict[str, Any]) -> list[t
     return out
 
 
+def shard_of(run: Run, count: int) -> int:
+    """A run's worker, fixed by its name alone: workers started at different times, or with different
+    --only/--tasks filters, still agree on who trains what."""
+    return zlib.crc32(f"{run.group}/{run.run_id}".encode()) % count
+
+
 def shard_steps(steps: list[tuple[Run, str, str]], index: int, count: int) -> list[tuple[Run, str, str]]:
-    """Worker ``index`` of ``count`` keeps every count-th run to train (in order) and all others (done/reuse)."""
-    out, nth = [], 0
-    for step in steps:
-        if step[2] == "todo":
-            nth += 1
-            if (nth - 1) % count != index:
-                continue
-        out.append(step)
-    return out
+    """Worker ``index`` of ``count`` keeps the runs to train that hash to it, and all others (done/reuse)."""
+    return [step for step in steps if step[2] != "todo" or shard_of(step[0], count) == index]
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -529,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--order", choices=["protocol", "priority"], default="protocol",
                      help="protocol: group, task, variant, seed; priority: the protocol's 'priority' rules first.")
     run.add_argument("--max-runs", type=int, help="Train at most N runs, then stop (reused results do not count).")
-    run.add_argument("--shard", type=_shard, help="I/N: train only every N-th pending run starting at I (parallel workers).")
+    run.add_argument("--shard", type=_shard,
+                     help="I/N: train only the runs assigned to worker I of N (by a hash of the run's name).")
     run.add_argument("--dry-run", action="store_true", help="List the runs and their status; train nothing.")
     run.add_argument("--runs-dir", default=str(RUNS_DIR), help="Run directories (default: %(default)s).")
     run.add_argument("--progress", action="store_true", help="Show progress bars.")

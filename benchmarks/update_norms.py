@@ -55,6 +55,9 @@ def lora2_deltas(adapter: Path) -> dict[str, torch.Tensor]:
 def peft_deltas(adapter: Path) -> dict[str, torch.Tensor]:
     sd = {k: v.double() for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
     cfg = json.loads((adapter / "adapter_config.json").read_text())
+    if cfg.get("use_rslora") or cfg.get("alpha_pattern") or (cfg["peft_type"] != "ADALORA" and cfg.get("rank_pattern")):
+        raise ValueError(f"{adapter}: rsLoRA / per-module rank or alpha patterns are not supported here; "
+                         "this script rebuilds ΔW with one global alpha / r.")
     out = {}
     for key in sd:
         if not key.endswith("lora_A.weight") and not key.endswith("lora_A"):
@@ -69,8 +72,15 @@ def peft_deltas(adapter: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_row(run_dir: Path, w0: dict[str, torch.Tensor]) -> dict | None:
+def run_row(run_dir: Path, weights: dict[str, dict[str, torch.Tensor]], default_model: str) -> dict | None:
     adapter = run_dir / "adapter"
+    results = json.loads((run_dir / "results.json").read_text())
+    model = results.get("model") or default_model  # W0 of the model this run fine-tuned
+    if not os.path.isdir(model):  # a run made on another machine: its path is not here
+        model = default_model
+    if model not in weights:
+        weights[model] = base_weights(model)
+    w0 = weights[model]
     if (adapter / "lora2_adapter.safetensors").exists():
         deltas = lora2_deltas(adapter)
     elif (adapter / "adapter_model.safetensors").exists():
@@ -81,9 +91,8 @@ def run_row(run_dir: Path, w0: dict[str, torch.Tensor]) -> dict | None:
     for name, delta in deltas.items():
         weight = w0.get(f"{name}.weight")
         if weight is None:
-            raise KeyError(f"{run_dir}: no base weight for adapted module {name!r}; is this a MiniLM run?")
+            raise KeyError(f"{run_dir}: no base weight for adapted module {name!r} in {model}.")
         rel.append(delta.norm().item() / weight.double().norm().item())
-    results = json.loads((run_dir / "results.json").read_text())
     metric = results["main_metric"]
     return {"run": f"{run_dir.parent.name}/{run_dir.name}", "method": results.get("method", "?"),
             "matrices": len(rel), "median": statistics.median(rel), "max": max(rel),
@@ -97,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_args(argv)
     from lora2.glue.run import default_model_path
 
-    w0 = base_weights(default_model_path())
+    weights: dict[str, dict[str, torch.Tensor]] = {}
     dirs = [Path(p) for p in ns.runs] or sorted(p.parent for p in RUNS.glob("*/*/results.json"))
     if not dirs:
         ap.error(f"no run directories found under {RUNS}; run benchmarks/glue.py run first or pass RUN_DIRs.")
-    rows = [row for d in dirs if (row := run_row(d, w0)) is not None]
+    rows = [row for d in dirs if (row := run_row(d, weights, default_model_path())) is not None]
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/update_norms.py", *sys.argv[1:]])
     lines = ["# Relative size of the learned update, ‖ΔW‖_F / ‖W0‖_F over adapted matrices", "",
              f"Command: `{command}` (reads the adapters the GLUE protocol runs saved).", "",

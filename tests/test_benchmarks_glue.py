@@ -76,21 +76,43 @@ def test_options_added_later_keep_earlier_keys_valid(protocol):
     assert '"init"' not in bench.run_key(args, defaults)
     orth = bench.run_key({**args, "init": "orthogonal"}, defaults)
     assert orth != bench.run_key(args, defaults) and '"init": "orthogonal"' in orth
+    # if the default ever changed, a Gaussian run would still be told apart from an orthogonal one
+    changed = {**defaults, "init": "orthogonal"}
+    assert bench.run_key(args, changed) != bench.run_key({**args, "init": "gaussian"}, changed)
 
 
-def test_shards_split_the_runs_to_train_and_keep_the_rest():
-    steps = [(bench.Run("g", "rte", f"v{i}", 0, {}), f"k{i}", status)
-             for i, status in enumerate(["done", "todo", "todo", "reuse", "todo", "todo", "todo"])]
-    first = bench.shard_steps(steps, 0, 2)
-    second = bench.shard_steps(steps, 1, 2)
-    todo = lambda part: [s[1] for s in part if s[2] == "todo"]  # noqa: E731
-    assert todo(first) == ["k1", "k4", "k6"] and todo(second) == ["k2", "k5"]
-    assert [s[1] for s in first if s[2] != "todo"] == ["k0", "k3"] == [s[1] for s in second if s[2] != "todo"]
+def test_shards_split_the_runs_to_train_and_keep_the_rest(protocol):
+    runs = bench.expand(protocol)
+    steps = [(run, f"k{i}", "todo" if i % 3 else "done") for i, run in enumerate(runs)]
+    parts = [bench.shard_steps(steps, i, 3) for i in range(3)]
+    todo = [[s[1] for s in part if s[2] == "todo"] for part in parts]
+    # every run to train goes to exactly one worker, and the split is not lopsided
+    assert sorted(k for part in todo for k in part) == sorted(s[1] for s in steps if s[2] == "todo")
+    assert min(map(len, todo)) > len(runs) // 6
+    for part in parts:  # finished (and reusable) runs stay in every worker's list
+        assert [s[1] for s in part if s[2] != "todo"] == [s[1] for s in steps if s[2] != "todo"]
+    # a worker started later, or with a filter, still assigns a run to the same worker
+    later = [(run, key, status) for run, key, status in steps if run.group == "table1"]
+    assert [s[1] for s in bench.shard_steps(later, 1, 3) if s[2] == "todo"] == [
+        k for k in todo[1] if k in {s[1] for s in later}]
     assert bench.shard_steps(steps, 0, 1) == steps
     assert bench._shard("1/3") == (1, 3)
     for bad in ("3/3", "x", "1/0", "-1/2"):
         with pytest.raises(argparse.ArgumentTypeError, match="--shard"):
             bench._shard(bad)
+
+
+def test_committed_results_match_the_protocols_keys(protocol):
+    """Every committed result file still matches its run (else `run` would warn, or reuse wrongly)."""
+    defaults = bench.glue_defaults()
+    checked = 0
+    for run in bench.expand(protocol):
+        data = bench.read_json(run.result_path(bench.RESULTS_DIR))
+        if data is None:
+            continue
+        assert data["benchmark"]["key"] == bench.run_key(run.args, defaults), run.run_id
+        checked += 1
+    assert checked > 0
 
 
 def test_priority_order_fills_the_most_important_cells_first(protocol):

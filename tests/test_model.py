@@ -225,3 +225,29 @@ def test_no_warning_when_pruning_is_off():
         warnings.simplefilter("error", RuntimeWarning)
         for _ in range(210):
             model(**batch)
+
+
+def _max_gram_error(model) -> float:
+    worst = 0.0
+    for layer in model.lora2_layers.values():
+        for name in ("p_outer", "p_inner", "q_inner", "q_outer"):
+            w = getattr(layer, name).detach().double()
+            gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+            worst = max(worst, (gram - torch.eye(min(w.shape), dtype=torch.float64)).abs().max().item())
+    return worst
+
+
+def test_factor_init_reaches_every_layer_through_the_wrappers():
+    """init/init_std travel from LoRA2Config and from the GLUE options (MethodArgs) to every layer."""
+    from lora2.glue.methods import MethodArgs, build_method
+
+    cfg = dict(k=2, r=4, target_modules=BERT_TARGETS, total_step=100, init_warmup=10, final_warmup=10)
+    assert _max_gram_error(get_lora2_model(tiny_bert(), LoRA2Config(init="orthogonal", **cfg))) < 1e-6
+    assert _max_gram_error(get_lora2_model(tiny_bert(), LoRA2Config(**cfg))) > 0.5  # Gaussian, std 0.02
+    handle = build_method("lora2", tiny_bert(), MethodArgs(k=2, r=4, target_modules=BERT_TARGETS, init="orthogonal",
+                                                          init_warmup=10, final_warmup=10), total_steps=100)
+    assert _max_gram_error(handle.model) < 1e-6
+    wide = build_method("lora2", tiny_bert(), MethodArgs(k=2, r=4, target_modules=BERT_TARGETS, init_std=0.5,
+                                                        init_warmup=10, final_warmup=10), total_steps=100)
+    stds = [layer.p_outer.std().item() for layer in wide.model.lora2_layers.values()]
+    assert 0.35 < sum(stds) / len(stds) < 0.65
