@@ -224,3 +224,26 @@ def test_python_dash_m_is_the_cli():
 
     out = subprocess.run([sys.executable, "-m", "lora2", "--version"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and out.stdout.startswith("lora2 ")
+
+
+def test_every_glue_option_reaches_the_method_builder():
+    """GlueArgs → MethodArgs copies every shared option (a new one such as init cannot be dropped)."""
+    import dataclasses
+
+    from lora2.glue.methods import MethodArgs
+    from lora2.glue.run import GlueArgs, method_args_from
+
+    args = GlueArgs(task="rte", output_dir="unused", k=3, r=5, alpha=7.0, target_rank=4, dropout=0.25,
+                    init="orthogonal", init_std=0.3, orth_reg_weight=0.2, orth_terms="uv,PQ", importance="full",
+                    mask_interval=3, beta1=0.5, beta2=0.6, lora_r=2, lora_alpha=9.0, adalora_init_r=6,
+                    adalora_target_r=5, adalora_alpha=11.0, sora_r=4, sora_alpha=3.0, sora_lambda=0.7,
+                    target_modules="query,value")
+    got = method_args_from(args, total_steps=200)
+    shared = {f.name for f in dataclasses.fields(MethodArgs)} & {f.name for f in dataclasses.fields(GlueArgs)}
+    for name in shared - {"target_modules", "orth_terms", "init_warmup", "final_warmup"}:
+        assert getattr(got, name) == getattr(args, name), name
+    assert got.target_modules == ["query", "value"] and got.orth_terms == ("uv", "PQ")
+    assert (got.init_warmup, got.final_warmup) == (30, 90)  # 15% / 45% of the run
+    fixed = method_args_from(dataclasses.replace(args, init_warmup=5, final_warmup=7), total_steps=200)
+    assert (fixed.init_warmup, fixed.final_warmup) == (5, 7)
+    assert {f.name for f in dataclasses.fields(MethodArgs)} <= shared  # no method option left unset

