@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora2.persistence import atomic_write, write_json  # unique temp name per call: parallel workers are safe
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PROTOCOL = HERE / "glue_protocol.json"
@@ -198,13 +200,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # one temp file per worker process
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def finished_index(results_dir: Path) -> dict[str, Path]:
@@ -488,10 +483,8 @@ def render_tables(protocol: dict[str, Any], results_dir: Path, command: str | No
 
 def write_tables(protocol: dict[str, Any], results_dir: Path, out: Path, command: str | None = None,
                  protocol_path: str | Path = PROTOCOL) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f"{out.suffix}.{os.getpid()}.tmp")
-    tmp.write_text(render_tables(protocol, results_dir, command, protocol_path), encoding="utf-8")
-    os.replace(tmp, out)
+    text = render_tables(protocol, results_dir, command, protocol_path)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out
 
 

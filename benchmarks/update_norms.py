@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from lora2.export import lora_factors, read_lora2_adapter
+from lora2.persistence import atomic_write
+
 HERE = Path(__file__).resolve().parent
 RUNS = HERE.parent / "runs" / "benchmarks" / "glue"
 OUT = HERE / "results" / "update_norms.md"
@@ -40,15 +43,12 @@ def _module_key(name: str) -> str:
 
 
 def lora2_deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    sd = {k: v.double() for k, v in load_file(str(adapter / "lora2_adapter.safetensors")).items()}
-    cfg = json.loads((adapter / "lora2_config.json").read_text())["config"]
-    scaling = cfg["alpha"] / cfg["r"]
+    """ΔW (PyTorch layout, scaled, pruned values left out) of every matrix, via the PEFT export's rank-k factors."""
+    src = read_lora2_adapter(adapter)
     out = {}
-    for key in sd:
-        if key.endswith(".lam"):
-            m = key[: -len(".lam")]
-            core = sd[f"{m}.p_inner"] @ torch.diag(sd[key] * sd.get(f"{m}.mask", torch.ones_like(sd[key]))) @ sd[f"{m}.q_inner"]
-            out[_module_key(m)] = (scaling * sd[f"{m}.p_outer"] @ core @ sd[f"{m}.q_outer"]).T  # (d_out, d_in)
+    for name, f in src.factors.items():
+        a, b = lora_factors({p: t.double() for p, t in f.items()}, src.config.scaling)
+        out[_module_key(name)] = b @ a
     return out
 
 
@@ -118,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['run']} | {r['method']} | {r['matrices']} | {r['median']:.2e} | {r['max']:.2e} | "
               f"{r['metric']} {100 * r['final']:.2f} |" for r in rows]
     out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    text = "\n".join(lines) + "\n"
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     print("\n".join(lines[4:]))
     print(out)
     return 0

@@ -26,13 +26,12 @@ import torch
 
 from . import __version__
 from .config import CONFIG_NAME, LoRA2Config
-from .layer import numerical_rank, reduced_factors, small_svd
+from .layer import FACTOR_NAMES, numerical_rank, reduced_factors, small_svd
 from .persistence import WEIGHTS_NAME, read_json, read_tensors, write_json, write_tensors
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-FACTOR_NAMES = ("p_outer", "p_inner", "lam", "q_inner", "q_outer", "mask")
 
 # Class-name endings of 🤗 models → PEFT task_type (PeftModel.from_pretrained picks its wrapper from it).
 _TASK_TYPES = (
@@ -91,7 +90,7 @@ def _from_model(model: Any) -> _LoRA2Source:
         raise ValueError("This LoRA2Model was unloaded by merge_and_unload(); export the model before merging, "
                          "or export its saved adapter directory.")
     factors = {
-        name: {p: getattr(layer, p).detach().cpu() for p in FACTOR_NAMES} for name, layer in model.lora2_layers.items()
+        name: {p: t.cpu() for p, t in layer.factors().items()} for name, layer in model.lora2_layers.items()
     }
     saved: dict[str, torch.Tensor] = {}
     for name in model.modules_to_save_names:
@@ -110,7 +109,8 @@ def _from_model(model: Any) -> _LoRA2Source:
     )
 
 
-def _from_directory(directory: Path) -> _LoRA2Source:
+def read_lora2_adapter(directory: Path) -> _LoRA2Source:
+    """A saved LoRA² adapter directory, validated: config, per-matrix factors (``FACTOR_NAMES``) and the rest."""
     if not directory.exists():
         raise FileNotFoundError(f"Adapter directory {directory} does not exist; pass the directory "
                                 "LoRA2Model.save_pretrained wrote.")
@@ -237,7 +237,7 @@ def export_to_peft(
     source_dir: Path | None = None
     if isinstance(adapter, (str, Path)):
         source_dir = Path(adapter)
-        src = _from_directory(source_dir)
+        src = read_lora2_adapter(source_dir)
     elif hasattr(adapter, "lora2_layers") and hasattr(adapter, "lora2_config"):
         src = _from_model(adapter)
     else:

@@ -13,6 +13,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 ADAPTER_PARAMETERS = ("p_outer", "p_inner", "lam", "q_inner", "q_outer")
+FACTORS = ("p_outer", "p_inner", "q_inner", "q_outer")  # randomly initialised and regularised (lam starts at 0)
+FACTOR_NAMES = (*ADAPTER_PARAMETERS, "mask")  # what Δ is computed from: ``LoRA2Layer.factors()``, saved adapters
 SUPPORTED_TYPES = (nn.Linear, Conv1D)
 
 
@@ -72,7 +74,6 @@ def effective_rank_of_factors(f: dict[str, torch.Tensor], scaling: float = 1.0) 
     return numerical_rank(s, f["p_outer"].dtype)
 
 
-
 class LoRA2Layer(nn.Module):
     """A frozen linear map plus the LoRA² update ``s · x (P Λ Q)``."""
 
@@ -84,7 +85,7 @@ class LoRA2Layer(nn.Module):
         factors start at norm ≈ init_std·√r, so the five-factor product needs hundreds of steps
         before the update moves the model, too long for short budgets.
         """
-        for name in ("p_outer", "p_inner", "q_inner", "q_outer"):
+        for name in FACTORS:
             weight = getattr(self, name)
             with torch.no_grad():
                 if init == "orthogonal":
@@ -142,7 +143,7 @@ class LoRA2Layer(nn.Module):
 
     def factors(self) -> dict[str, torch.Tensor]:
         """The five factors and the mask, detached (what rank and export computations read)."""
-        return {name: getattr(self, name).detach() for name in (*ADAPTER_PARAMETERS, "mask")}
+        return {name: getattr(self, name).detach() for name in FACTOR_NAMES}
 
     def effective_rank(self) -> int:
         """rank(Δ) ≤ min(k, active λ), from k×k work in float64 without forming Δ."""

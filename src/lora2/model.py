@@ -23,7 +23,7 @@ from torch import nn
 from . import __version__
 from .allocator import RankAllocator
 from .config import CONFIG_NAME, DEFAULT_TARGET_MODULES, LoRA2Config
-from .layer import ADAPTER_PARAMETERS, SUPPORTED_TYPES, LoRA2Layer
+from .layer import ADAPTER_PARAMETERS, FACTOR_NAMES, SUPPORTED_TYPES, LoRA2Layer
 from .persistence import WEIGHTS_NAME, read_json, read_tensors, write_json, write_tensors
 from .regularizer import orth_regularization
 
@@ -347,7 +347,7 @@ class LoRA2Model(nn.Module):
         """Adapter tensors (and modules_to_save) keyed by their name in the *unwrapped* model."""
         state: dict[str, torch.Tensor] = {}
         for name, layer in self.lora2_layers.items():
-            for pname in (*ADAPTER_PARAMETERS, "mask"):
+            for pname in FACTOR_NAMES:
                 state[f"{name}.{pname}"] = getattr(layer, pname)
         for name in self.modules_to_save_names:
             for key, value in self.base_model.get_submodule(name).state_dict().items():

@@ -12,9 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .layer import LoRA2Layer
-
-FACTORS = ("p_outer", "p_inner", "q_inner", "q_outer")
+from .layer import FACTORS, LoRA2Layer
 
 
 def gram(matrix: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..config import FACTOR_INITS
 from ..persistence import write_json
 from .checkpoint import CHECKPOINT_RE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, load_split
@@ -75,7 +76,7 @@ class GlueArgs:
     orth_reg_weight: float = field(default=0.1, metadata={"help": "LoRA² and AdaLoRA: orthogonality weight γ."})
     init: str = field(default="gaussian", metadata={
         "help": "LoRA²: factor init, 'gaussian' (the spec's N(0, init_std²)) or 'orthogonal' (the regulariser's target).",
-        "choices": ["gaussian", "orthogonal"]})
+        "choices": list(FACTOR_INITS)})
     init_std: float = field(default=0.02, metadata={"help": "LoRA²: std of the Gaussian factor init."})
     orth_terms: str = field(default="uv,UV,PQ", metadata={"help": "LoRA²: regulariser terms, a subset of uv,UV,PQ."})
     importance: str = field(default="reduced", metadata={
@@ -121,8 +122,8 @@ class GlueArgs:
             raise ValueError(f"--epochs must be > 0, got {self.epochs}.")
         if self.alpha is None:
             self.alpha = 16.0 if task.name == "sst2" else 32.0
-        if self.init not in ("gaussian", "orthogonal"):
-            raise ValueError(f"--init must be 'gaussian' or 'orthogonal', got {self.init!r}.")
+        if self.init not in FACTOR_INITS:
+            raise ValueError(f"--init must be one of {', '.join(FACTOR_INITS)}, got {self.init!r}.")
         if not self.init_std > 0:
             raise ValueError(f"--init-std must be > 0, got {self.init_std}.")
 
