@@ -36,7 +36,7 @@ import transformers
 from safetensors.torch import load_file
 
 import lora2
-from lora2.export import effective_rank_of_factors, export_to_peft
+from lora2.export import export_to_peft
 from lora2.glue import read_tsv
 from lora2.persistence import write_json
 
@@ -150,10 +150,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         timings[name] = round(time.perf_counter() - start, 3)
 
     pattern = model.rank_pattern()
-    s = model.lora2_config.scaling
-    exact_ranks = {n: effective_rank_of_factors({p: getattr(la, p).detach() for p in
-                                                 ("p_outer", "p_inner", "lam", "q_inner", "q_outer", "mask")}, s)
-                   for n, la in model.lora2_layers.items()}
+    exact_ranks = {n: la.effective_rank() for n, la in model.lora2_layers.items()}
     recorded = {n: v["effective_rank"] for n, v in pattern.items()}
     head = sum(p.numel() for p in model.base_model.classifier.parameters())
     return {

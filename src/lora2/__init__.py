@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .allocator import RankAllocator
 from .config import LoRA2Config
+from .export import PeftExport, export_to_peft, init_from_peft_lora
 from .layer import LoRA2Layer
 from .model import LoRA2Model, get_lora2_model
 from .regularizer import orth_regularization
