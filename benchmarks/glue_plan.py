@@ -1,0 +1,150 @@
+"""Where the GLUE protocol stands: each run's status from the result files on disk, the learning rates
+chosen so far, and the up-front CPU-time estimate. A library module of benchmarks/glue.py.
+
+Statuses: ``done`` (its result file exists), ``reuse`` (a finished run of equal settings exists: copy it),
+``todo`` (trainable now) and ``waiting`` (its lr is not chosen yet, or an equal run earlier in the protocol
+has still to train). The plan is recomputed from the files alone, so two workers, or a later sitting,
+agree on it, and a stage-2 run turns from waiting to todo as soon as its stage-1 results exist.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glue_protocol import Run, expand, run_key, select_lr
+
+Cell = tuple[str, str, str]  # (group, variant, task)
+
+
+@dataclass
+class Step:
+    run: Run
+    status: str  # done | reuse | todo | waiting
+    lr: float | None  # the run's learning rate; None while not chosen (or the method's default)
+    key: str  # run key; computed with a provisional grid lr while the lr is not chosen
+    result: dict[str, Any] | None = None  # the stored result (done)
+    source: Path | None = None  # reuse: the result file to copy
+    note: str = ""
+    trains: bool = False  # counts in the estimate: todo, or waiting for an lr with no equal run before it
+
+
+@dataclass
+class Plan:
+    steps: list[Step]
+    chosen: dict[Cell, float | None]  # lr chosen per searched (group, variant, task); None: stage 1 incomplete
+
+    def cell(self, group: str, variant: str, task: str) -> list[dict[str, Any]]:
+        """The results that make a table cell, by seed: the stage-1 run at the chosen lr and the other seeds."""
+        chosen = self.chosen.get((group, variant, task))
+        return [s.result for s in self.steps if s.result is not None and s.run.group == group
+                and s.run.variant == variant and s.run.task == task and (s.run.stage != 1 or s.run.lr == chosen)]
+
+    def grid(self, group: str, variant: str, task: str) -> list[Step]:
+        return [s for s in self.steps if s.run.stage == 1 and (s.run.group, s.run.variant, s.run.task) ==
+                (group, variant, task)]
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def metric(result: dict[str, Any], which: str = "final") -> float:
+    return float(result[which][result["main_metric"]])
+
+
+def stored_key(result: dict[str, Any]) -> str | None:
+    """The key of a stored result, recomputed from the options it recorded (None: not a benchmark result)."""
+    args = result.get("benchmark", {}).get("args")
+    return run_key(args) if isinstance(args, dict) else None
+
+
+def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
+    runs = expand(protocol)
+    results = {run: read_json(run.result_path(results_dir)) for run in runs}
+    finals: dict[Cell, dict[float, float | None]] = defaultdict(dict)
+    for run in runs:
+        if run.stage == 1:
+            result = results[run]
+            finals[run.group, run.variant, run.task][run.lr] = None if result is None else metric(result)
+    chosen = {cell: select_lr(f) for cell, f in finals.items()}
+    originals: dict[str, Path] = {}  # key -> first finished, non-reused result of that key
+    for run in runs:
+        result = results[run]
+        if result is not None and not result.get("benchmark", {}).get("reused_from"):
+            key = stored_key(result)
+            if key is not None:
+                originals.setdefault(key, run.result_path(results_dir))
+    steps: list[Step] = []
+    first_any: dict[str, Run] = {}  # key (provisional ones included) -> first run with it
+    first_exact: dict[str, Run] = {}  # key of a run whose lr is known -> first run with it
+    for run in runs:
+        lr = run.lr if run.lr_from is None else chosen.get((*run.lr_from, run.task))
+        waiting_lr = run.lr_from is not None and lr is None
+        key = run_key(run.with_lr(run.lr_guess if waiting_lr else lr))
+        first = first_any.setdefault(key, run)
+        twin = run if waiting_lr else first_exact.setdefault(key, run)
+        step = Step(run, "todo", lr, key, results[run])
+        if step.result is not None:
+            step.status = "done"
+            if not waiting_lr and stored_key(step.result) not in (None, key):
+                step.note = "stale: the protocol's settings changed since; delete the file to rerun it"
+        elif waiting_lr:
+            group, variant = run.lr_from
+            have = sum(v is not None for v in finals[group, variant, run.task].values())
+            step.status, step.trains = "waiting", first is run
+            step.note = f"lr: {have} of {len(finals[group, variant, run.task])} stage-1 runs of {group}/{variant} done"
+        elif key in originals:
+            step.status, step.source = "reuse", originals[key]
+        elif twin is not run:
+            step.status, step.note = "waiting", f"same settings as {twin.name}"
+        else:
+            step.trains = True
+        steps.append(step)
+    return Plan(steps, chosen)
+
+
+def sec_per_step(protocol: dict[str, Any], plan: Plan) -> dict[str, tuple[float, str]]:
+    """Per task: (seconds per step, where it comes from), measured on finished runs (median of wall/steps),
+    else the protocol's estimate."""
+    measured: dict[str, list[float]] = defaultdict(list)
+    for step in plan.steps:
+        bench = (step.result or {}).get("benchmark", {})
+        if bench.get("wall_s") and step.result.get("steps") and not bench.get("reused_from"):
+            measured[step.run.task].append(bench["wall_s"] / step.result["steps"])
+    out = {}
+    for task, spec in protocol["tasks"].items():
+        if measured[task]:
+            out[task] = (statistics.median(measured[task]), f"measured, {len(measured[task])} runs")
+        else:
+            out[task] = (float(spec.get("sec_per_step", 0.0)), "protocol")
+    return out
+
+
+def estimate_line(protocol: dict[str, Any], steps: list[Step], plan: Plan, workers: int) -> str:
+    """Total CPU time of the runs still to train (now or once their lr is chosen), per task steps × s/step."""
+    rates = sec_per_step(protocol, plan)
+    to_train = [s for s in steps if s.trains]
+    now = sum(s.status == "todo" for s in to_train)
+    seconds = sum(s.run.args.get("max_steps", 0) * rates[s.run.task][0] for s in to_train)
+    per_task = ", ".join(f"{t} {rate:.2f} ({src})" for t, (rate, src) in rates.items())
+    hours = seconds / 3600
+    return (f"estimate: {len(to_train)} runs to train ({now} now, {len(to_train) - now} once their lr is chosen), "
+            f"{sum(s.run.args.get('max_steps', 0) for s in to_train):,} steps, about {hours:.1f} CPU-hours "
+            f"(~{hours / workers:.1f} h on {workers} one-thread worker{'s' if workers > 1 else ''}); "
+            f"s/step: {per_task}")
+
+
+if __name__ == "__main__":  # a library module: its command line is the runner's
+    import glue
+
+    sys.exit(glue.main())
