@@ -105,11 +105,12 @@ def test_cli_runs_every_task(task, tmp_path, tiny_model_dir, extra_glue):
     assert results["best"][spec.main_metric] == max(h[spec.main_metric] for h in results["eval_history"])
     assert sum(results["active_ranks"].values()) == 2 * 12  # target_rank 2 × 12 matrices at the end
     assert (out / "heatmap.png").stat().st_size > 1000
+    assert (out / "learning_curve.png").stat().st_size > 1000 and results["learning_curve"].endswith("learning_curve.png")
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert any("loss" in entry for entry in log) and any("eval" in entry for entry in log)
 
 
-@pytest.mark.parametrize("method", ["lora2", "lora", "adalora", "sora", "bitfit", "full"])
+@pytest.mark.parametrize("method", ["lora2", "lora", "adalora", "sora", "bitfit", "full", "head"])
 def test_cli_runs_every_method(method, tmp_path, tiny_model_dir, glue_dir):
     results, out = run_cli(tmp_path, tiny_model_dir, glue_dir, "rte", method, "--lora-r", "2", "--adalora-init-r",
                            "4", "--adalora-target-r", "2", "--sora-r", "4", "--sora-lambda", "500")
@@ -120,6 +121,7 @@ def test_cli_runs_every_method(method, tmp_path, tiny_model_dir, glue_dir):
         "lora": head + 2 * sum(2 * (i + o) for i, o in shapes),  # r=2
         "adalora": head + 2 * sum(4 * (i + o) + 4 for i, o in shapes),  # init_r=4: A, B, E
         "sora": head + 2 * sum(4 * (i + o) + 4 for i, o in shapes),  # r=4: A, B, gate
+        "head": head,  # the floor: frozen encoder
     }
     if method in expected:
         assert results["trainable_params"] == expected[method]
@@ -132,6 +134,14 @@ def test_cli_runs_every_method(method, tmp_path, tiny_model_dir, glue_dir):
     if method == "bitfit":
         assert results["trainable_params"] < 2_000
     assert (out / "adapter").is_dir() and any((out / "adapter").iterdir())
+    norms = results["update_norms"]  # ‖ΔW‖/‖W0‖ at each evaluation, for methods that adapt matrices
+    if method == "head":
+        assert norms == []
+    else:
+        assert [n["step"] for n in norms] == [3, 6] and all(0 <= n["median"] <= n["max"] for n in norms)
+        # BitFit never changes a weight matrix; SoRA's update is 0 once every gate is pruned (λ = 500 here)
+        unchanged = method == "bitfit" or (method == "sora" and sum(results["active_ranks"].values()) == 0)
+        assert (norms[-1]["max"] == 0) == unchanged
     assert results["steps_per_s"] > 0 and results["peak_memory_mb"] > 0
 
 
@@ -226,24 +236,60 @@ def test_python_dash_m_is_the_cli():
     assert out.returncode == 0 and out.stdout.startswith("lora2 ")
 
 
-def test_every_glue_option_reaches_the_method_builder():
-    """GlueArgs → MethodArgs copies every shared option (a new one such as init cannot be dropped)."""
+def test_every_lora2_config_field_is_a_glue_flag_and_reaches_the_config(tiny_model_dir):
+    """The LoRA² flags come from LoRA2Config itself: each field (target_total_rank included) is settable
+    on the command line and arrives unchanged in the wrapped model's config."""
     import dataclasses
 
-    from lora2.glue.methods import MethodArgs
-    from lora2.glue.run import GlueArgs, method_args_from
+    from transformers import AutoModelForSequenceClassification
 
-    args = GlueArgs(task="rte", output_dir="unused", k=3, r=5, alpha=7.0, target_rank=4, dropout=0.25,
-                    init="orthogonal", init_std=0.3, orth_reg_weight=0.2, orth_terms="uv,PQ", importance="full",
-                    mask_interval=3, beta1=0.5, beta2=0.6, lora_r=2, lora_alpha=9.0, adalora_init_r=6,
-                    adalora_target_r=5, adalora_alpha=11.0, sora_r=4, sora_alpha=3.0, sora_lambda=0.7,
-                    target_modules="query,value")
-    got = method_args_from(args, total_steps=200)
-    shared = {f.name for f in dataclasses.fields(MethodArgs)} & {f.name for f in dataclasses.fields(GlueArgs)}
-    for name in shared - {"target_modules", "orth_terms", "init_warmup", "final_warmup"}:
-        assert getattr(got, name) == getattr(args, name), name
-    assert got.target_modules == ["query", "value"] and got.orth_terms == ("uv", "PQ")
-    assert (got.init_warmup, got.final_warmup) == (30, 90)  # 15% / 45% of the run
-    fixed = method_args_from(dataclasses.replace(args, init_warmup=5, final_warmup=7), total_steps=200)
-    assert (fixed.init_warmup, fixed.final_warmup) == (5, 7)
-    assert {f.name for f in dataclasses.fields(MethodArgs)} <= shared  # no method option left unset
+    from lora2.cli import build_parser, glue_args_from_namespace
+    from lora2.config import LoRA2Config
+    from lora2.glue.args import PIPELINE_OWNED
+    from lora2.glue.methods import build_method
+
+    wanted = {"k": 3, "r": 5, "alpha": 7.0, "dropout": 0.25, "init_std": 0.3, "init": "orthogonal",
+              "target_rank": 4, "target_total_rank": 17, "init_warmup": 5, "final_warmup": 7, "mask_interval": 3,
+              "beta1": 0.5, "beta2": 0.6, "orth_reg_weight": 0.2, "orth_terms": ["uv", "PQ"], "importance": "full"}
+    new_fields = {f.name for f in dataclasses.fields(LoRA2Config)} - set(PIPELINE_OWNED) - set(wanted)
+    for f in dataclasses.fields(LoRA2Config):  # fields added later: any valid non-default value will do
+        if f.name in new_fields:
+            wanted[f.name] = f.metadata["choices"][-1] if "choices" in f.metadata else (
+                f.default * 2 if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) else f.default)
+    argv = ["glue", "--task", "rte", "--target-modules", "query,value"]
+    for name, value in wanted.items():
+        argv += ["--" + name.replace("_", "-"), ",".join(value) if isinstance(value, list) else str(value)]
+    args = glue_args_from_namespace(build_parser().parse_args(argv))
+    assert args.lora2 == wanted
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    config = build_method(args, model, total_steps=200).model.lora2_config
+    for name, value in wanted.items():
+        assert getattr(config, name) == value, name
+    assert config.target_modules == ["query", "value"] and config.modules_to_save == ["classifier"]
+    assert config.total_step == 200
+
+
+def test_pipeline_defaults_for_lora2_and_the_shared_adalora_schedule(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from lora2.glue.args import GlueArgs
+    from lora2.glue.methods import build_method
+
+    args = GlueArgs(task="sst2")
+    settings = args.lora2_settings(total_steps=200)
+    assert (settings["init_warmup"], settings["final_warmup"], settings["alpha"]) == (30, 90, 16.0)  # 15% / 45%
+    assert GlueArgs(task="rte").lora2_settings(200)["alpha"] == 32.0
+    assert GlueArgs(task="rte", lora2={"init_warmup": 5}).lora2_settings(200)["init_warmup"] == 5
+    assert GlueArgs(task="rte", init_warmup_min=50).lora2_settings(200)["init_warmup"] == 50  # max(30, 50)
+    assert GlueArgs(task="rte", init_warmup_min=20).lora2_settings(200)["init_warmup"] == 30
+    ada = GlueArgs(task="rte", method="adalora", adalora_init_r=4, adalora_target_r=2,
+                   lora2={"init_warmup": 11, "final_warmup": 13, "mask_interval": 3, "orth_reg_weight": 0.3})
+    peft_cfg = build_method(ada, AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2),
+                            total_steps=100).model.peft_config["default"]
+    assert (peft_cfg.tinit, peft_cfg.tfinal, peft_cfg.deltaT, peft_cfg.orth_reg_weight) == (11, 13, 3, 0.3)
+    with pytest.raises(ValueError, match="Unknown lora2 glue option"):
+        GlueArgs.from_flat({"task": "rte", "rank": 3})
+    with pytest.raises(ValueError, match=r"LoRA2Config\.k"):
+        GlueArgs(task="rte", lora2={"k": 0})
+    with pytest.raises(ValueError, match="set by the pipeline"):
+        GlueArgs(task="rte", lora2={"total_step": 10})

@@ -164,15 +164,17 @@ def test_bf16_autocast_keeps_allocator_statistics_in_float32():
 
 def test_partial_checkpoints_are_never_resumed_from(tmp_path):
     from lora2.glue.checkpoint import OPTIMIZER_NAME, latest_checkpoint, load_checkpoint, save_checkpoint
+    from lora2.glue.methods import LoRA2Method
 
-    model = get_lora2_model(tiny_bert(), LoRA2Config(k=1, r=2, target_rank=2, target_modules=["query"]))
+    method = LoRA2Method(tiny_bert(), LoRA2Config(k=1, r=2, target_rank=2, target_modules=["query"]))
+    model = method.model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     state = {"step": 4, "epoch": 0, "batches_done": 4, "history": [], "best": {}, "train_time": 1.0, "total_steps": 9}
-    save_checkpoint(tmp_path / "checkpoint-4", model, optimizer, scheduler, state, torch.Generator().get_state())
+    save_checkpoint(tmp_path / "checkpoint-4", method, optimizer, scheduler, state, torch.Generator().get_state())
     (tmp_path / ".checkpoint-8.abc123").mkdir()  # a kill during the write of checkpoint-8 leaves its temp dir
     (tmp_path / "checkpoint-12").mkdir()  # or a directory without its completion marker
     assert latest_checkpoint(tmp_path).name == "checkpoint-4"
     (tmp_path / "checkpoint-4" / OPTIMIZER_NAME).write_bytes(b"\x80\x04truncated")
     with pytest.raises(ValueError, match="cannot be read safely"):
-        load_checkpoint(tmp_path / "checkpoint-4", model, optimizer, scheduler)
+        load_checkpoint(tmp_path / "checkpoint-4", method, optimizer, scheduler)

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from lora2.cli import main
+from lora2.glue.args import GlueArgs
 from lora2.glue.checkpoint import latest_checkpoint
-from lora2.glue.run import GlueArgs, run_glue
+from lora2.glue.run import run_glue
 
 from .test_glue import tiny_model_dir  # noqa: F401 - fixture
 
@@ -33,7 +34,7 @@ def test_killed_run_resumes_identically(method, tmp_path, tiny_model_dir, glue_d
     from lora2.cli import build_parser
 
     ns = build_parser().parse_args(parser_args)
-    args = GlueArgs(**{k: v for k, v in vars(ns).items() if k not in ("command", "func")})
+    args = GlueArgs.from_flat({k: v for k, v in vars(ns).items() if k not in ("command", "func")})
     assert run_glue(args, stop_at_step=9) is None  # "killed" after step 9: checkpoint-8 is the newest
     assert latest_checkpoint(cut_dir).name == "checkpoint-8"
     assert not (cut_dir / "results.json").exists()
@@ -63,7 +64,7 @@ def test_resume_with_other_options_is_refused(tmp_path, tiny_model_dir, glue_dir
     from lora2.cli import build_parser
 
     ns = build_parser().parse_args(ns_args)
-    run_glue(GlueArgs(**{k: v for k, v in vars(ns).items() if k not in ("command", "func")}), stop_at_step=5)
+    run_glue(GlueArgs.from_flat({k: v for k, v in vars(ns).items() if k not in ("command", "func")}), stop_at_step=5)
     changed = [a if a != "14" else "20" for a in ns_args]
     assert main([*changed, "--resume-from-checkpoint", "last"]) == 2
     assert "resume with the same options" in capsys.readouterr().err

@@ -8,18 +8,36 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--dashed-flag`` per dataclass field, typed from the annotation, help from the metadata."""
+def _csv(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+def _field_type(annotation: Any) -> Any:
+    """The argparse type of an annotation: Optional[X] → X, list[str] → comma-separated."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        return _csv
+    return annotation
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, fields: Sequence[dataclasses.Field] | None = None,
+                            unset_defaults: dict[str, str] | None = None) -> None:
+    """One ``--dashed-flag`` per dataclass field, typed from the annotation, help from the metadata.
+
+    ``unset_defaults``: the flags default to None (meaning "not set") and their help names the value
+    used instead (``{field: text}``, else the field's own default).
+    """
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        args = typing.get_args(kind)
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in args if a is not type(None))
+    for f in fields if fields is not None else dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        kind = _field_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         kwargs: dict = {"dest": f.name, "help": help_text}
@@ -29,26 +47,53 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, action="store_true", **kwargs)
             continue
         kwargs["type"] = kind
-        if f.default is dataclasses.MISSING:
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if unset_defaults is not None:
+            shown = unset_defaults.get(f.name, ",".join(default) if isinstance(default, list) else default)
+            kwargs["default"] = None
+            kwargs["help"] = f"{help_text} [default: {shown}]"
+        elif default is dataclasses.MISSING:
             kwargs["required"] = True
         else:
-            kwargs["default"] = f.default
-            if f.default is not None and "default" not in help_text:
-                kwargs["help"] = f"{help_text} [default: {f.default}]"
+            kwargs["default"] = default
+            if default is not None and "default" not in help_text:
+                kwargs["help"] = f"{help_text} [default: {default}]"
         parser.add_argument(flag, **kwargs)
 
 
-def _glue(ns: argparse.Namespace) -> int:
-    from .glue.run import GlueArgs, run_glue, summary_table
+def glue_args_from_namespace(ns: argparse.Namespace) -> Any:
+    """GlueArgs from parsed ``lora2 glue`` flags (LoRA2Config flags that were given go to ``lora2``)."""
+    from .glue.args import GlueArgs
 
-    args = GlueArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(GlueArgs)})
-    results = run_glue(args)
+    return GlueArgs.from_flat({k: v for k, v in vars(ns).items() if k not in ("command", "func")})
+
+
+GLUE_EXTRA = ("sklearn", "scipy", "matplotlib")
+
+
+def _check_glue_extra() -> None:
+    """`lora2 glue` needs the packages of the ``glue`` extra; the core library does not."""
+    import importlib.util
+
+    missing = [name for name in GLUE_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"lora2 glue needs {', '.join(missing)}, which the core install leaves out: "
+                           "pip install 'lora2[glue]'.")
+
+
+def _glue(ns: argparse.Namespace) -> int:
+    _check_glue_extra()
+    from .glue.run import run_glue, summary_table
+
+    results = run_glue(glue_args_from_namespace(ns))
     metric = results["main_metric"]
     print(summary_table([results]))
     print(f"dev {metric}: final {results['final'][metric]:.4f}, best {results['best'][metric]:.4f} "
           f"at step {results['best']['step']}")
     out = results["hyperparameters"]["output_dir"] or f"runs/{results['task']}-{results['method']}-s{results['seed']}"
     print(f"results: {out}/results.json")
+    print(f"learning curve: {results['learning_curve']}")
     if results["heatmap"]:
         print(f"heatmap: {results['heatmap']}")
     return 0
@@ -69,16 +114,22 @@ def _export(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .glue.run import GlueArgs
+    from .config import LoRA2Config
+    from .glue.args import GlueArgs, lora2_option_fields
 
     parser = argparse.ArgumentParser(prog="lora2", description="LoRA² fine-tuning tools.")
     parser.add_argument("--version", action="version", version=f"lora2 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     glue = sub.add_parser("glue", help="Fine-tune and evaluate on a GLUE task.",
                           description="Fine-tune a model on a GLUE task with LoRA² or a baseline method "
-                                      "(lora, adalora, sora, bitfit, full) and write results.json, the adapter, "
-                                      "a training log and (LoRA²/AdaLoRA/SoRA) a rank heatmap.")
+                                      "(lora, adalora, sora, bitfit, full, head) and write results.json, the adapter, "
+                                      "a training log, a learning curve and (LoRA²/AdaLoRA/SoRA) a rank heatmap.")
     add_dataclass_arguments(glue, GlueArgs)
+    lora2_flags = glue.add_argument_group(
+        "LoRA² options", "Every LoRA2Config field (AdaLoRA shares the schedule fields, orth-reg-weight and dropout).")
+    add_dataclass_arguments(lora2_flags, LoRA2Config, lora2_option_fields(), unset_defaults={
+        "alpha": "32; 16 on sst2 (the paper's)", "target_rank": "2 (at most r)",
+        "init_warmup": "15%% of the run (the paper's ratio)", "final_warmup": "45%% of the run (the paper's ratio)"})
     glue.set_defaults(func=_glue)
     export = sub.add_parser("export", help="Write a LoRA² adapter as a standard PEFT LoRA adapter.",
                             description="Convert a LoRA² adapter (a save_pretrained directory) into PEFT's LoRA format "

