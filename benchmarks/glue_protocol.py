@@ -133,12 +133,13 @@ def expand(protocol: dict[str, Any]) -> list[Run]:
                 raise ValueError(f"group {group_name!r} names task {task!r}, which has no entry under 'tasks'.")
             lr_from = _lr_source(protocol, group_name, task)
             task_args = {k: v for k, v in protocol["tasks"][task].items() if k not in TASK_META}
+            task_args.update(group.get("task_args", {}).get(task, {}))  # a group's own budget for the task
             for variant, spec in group["variants"].items():
                 method = variant_method(protocol, group_name, variant)
                 args = {**protocol.get("common", {}), **task_args, **protocol["methods"][method]["args"],
                         **spec.get("args", {}), "task": task, "model": protocol.get("model")}
                 fixed = group.get("learning_rate")
-                if isinstance(fixed, (int, float)):
+                if isinstance(fixed, (int, float)) and "learning_rate" not in spec.get("args", {}):
                     args["learning_rate"] = fixed
                 args = {k: v for k, v in args.items() if v is not None}  # None: GlueArgs' default
 

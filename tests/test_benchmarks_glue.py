@@ -55,7 +55,7 @@ def test_protocol_expands_to_the_exact_run_counts(protocol):
     count = {}
     for run in runs:
         count[run.group, run.stage] = count.get((run.group, run.stage), 0) + 1
-    assert count == {("table1", 1): 7 * 5 * 3, ("table1", 2): 7 * 5 * 2, ("dynamics", 0): 6 * 3,
+    assert count == {("table1", 1): 7 * 5 * 3, ("table1", 2): 7 * 5 * 2, ("dynamics", 0): 8 * 3,
                      ("orth", 0): 5 * 2, ("targets", 0): 4 * 2, ("importance", 0): 2 * 2}
     assert len({str(r.result_path(Path("x"))).lower() for r in runs}) == len(runs)  # distinct files, any file system
     assert {r.task for r in runs if r.group == "table1"} == set(TASKS)
@@ -79,7 +79,7 @@ def test_every_protocol_arg_set_builds_a_glue_args_today(protocol):
                 GlueArgs.from_flat(args)
             continue
         glue = GlueArgs.from_flat(args)
-        budget = protocol["tasks"][run.task]
+        budget = {**protocol["tasks"][run.task], **protocol["groups"][run.group].get("task_args", {}).get(run.task, {})}
         assert (glue.batch_size, glue.max_length, glue.max_steps, glue.eval_steps, glue.seed) == (
             32, budget["max_length"], budget["max_steps"], budget["eval_steps"], run.seed)
         assert glue.learning_rate in protocol["methods"][gp.variant_method(protocol, run.group, run.variant)]["lr_grid"]
@@ -103,9 +103,8 @@ def test_keys_are_equal_iff_settings_are(protocol):
     keys = _keys_at(protocol, 0.001)
     base = keys["table1/mrpc-lora2-lr0.001-s0"]
     assert {n for n, k in keys.items() if k == base} == {
-        "table1/mrpc-lora2-lr0.001-s0", "orth/mrpc-all-s0", "targets/mrpc-ALL-s0", "importance/mrpc-reduced-s0",
-        "dynamics/mrpc-gaussian-s0"}
-    assert len(set(keys.values())) == len(keys) - 4
+        "table1/mrpc-lora2-lr0.001-s0", "orth/mrpc-all-s0", "targets/mrpc-ALL-s0", "importance/mrpc-reduced-s0"}
+    assert len(set(keys.values())) == len(keys) - 3  # dynamics has its own budget: never equal to table1
     assert _keys_at(protocol, 0.003)["orth/mrpc-all-s0"] == _keys_at(protocol, 0.003)["table1/mrpc-lora2-lr0.003-s0"]
     args = gp.expand(protocol)[0].args
     assert gp.run_key({**args, "lora_alpha": 16.0}) == gp.run_key({**args, "lora_alpha": 16})
@@ -137,7 +136,7 @@ def test_stage_two_and_ablations_wait_for_the_lr_then_train_or_reuse(tmp_path, p
     now = status()
     assert {(s.status, s.lr) for n, s in now.items() if n.startswith("table1/mrpc-lora2-s")} == {("todo", 0.001)}
     assert (now["orth/mrpc-uv-s0"].status, now["orth/mrpc-uv-s0"].lr) == ("todo", 0.001)
-    for name in ("orth/mrpc-all-s0", "targets/mrpc-ALL-s0", "importance/mrpc-reduced-s0", "dynamics/mrpc-gaussian-s0"):
+    for name in ("orth/mrpc-all-s0", "targets/mrpc-ALL-s0", "importance/mrpc-reduced-s0"):
         assert now[name].status == "reuse" and now[name].source.name == "mrpc-lora2-lr0.001-s0.json"
     assert now["table1/rte-lora2-s1"].status == "waiting" and now["orth/rte-uv-s0"].status == "waiting"
     assert now["table1/mrpc-head-lr0.001-s0"].status == "todo"
@@ -153,7 +152,7 @@ def test_shards_are_disjoint_and_complete(protocol, tmp_path, capsys):
     for i in range(2):
         assert bench.main(["--results-dir", str(tmp_path), "run", "--dry-run", "--shard", f"{i}/2"]) == 0
         todo.append({line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("  todo")})
-    assert not todo[0] & todo[1] and len(todo[0] | todo[1]) == 105
+    assert not todo[0] & todo[1] and len(todo[0] | todo[1]) == 105 + 24  # table1 stage 1 and dynamics
     assert gp.parse_shard("1/3") == (1, 3)
     for bad in ("3/3", "x", "1/0", "-1/2"):
         with pytest.raises(argparse.ArgumentTypeError, match="--shard"):
@@ -162,11 +161,13 @@ def test_shards_are_disjoint_and_complete(protocol, tmp_path, capsys):
 
 def test_priority_order(protocol):
     runs = gp.order_runs(gp.expand(protocol), protocol, "priority")
-    stage1 = runs[:105]
+    # dynamics first (its outcome chooses LoRA²'s defaults), MRPC before the other tasks
+    assert {r.group for r in runs[:24]} == {"dynamics"} and {r.task for r in runs[:8]} == {"mrpc"}
+    stage1 = runs[24:129]
     assert {r.stage for r in stage1} == {1}
     assert [r.task for r in stage1][::21] == ["mrpc", "stsb", "cola", "rte", "sst2"]
-    assert {r.stage for r in runs[105:175]} == {2} and {r.group for r in runs[175:193]} == {"dynamics"}
-    assert {r.group for r in runs[193:]} == {"orth", "targets", "importance"}
+    assert {r.stage for r in runs[129:199]} == {2}
+    assert {r.group for r in runs[199:]} == {"orth", "targets", "importance"}
 
 
 def test_dry_run_prints_the_estimate(tmp_path, capsys):
@@ -278,7 +279,7 @@ def test_tables_show_partial_floor_lr_search_and_seed_counts(tmp_path):
 
 def test_real_protocol_tables_have_floor_and_ceiling_rows(tmp_path, protocol):
     text = glue_report.render_tables(protocol, tmp_path)
-    assert "**PARTIAL**: 0 of the 215 protocol runs have a result" in text
+    assert "**PARTIAL**: 0 of the 221 protocol runs have a result" in text
     table1 = text.split("## Table 1")[1].split("## ")[0]
     assert "| Head only (floor) | — |" in table1 and "| Full fine-tuning (ceiling) | — |" in table1
 

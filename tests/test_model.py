@@ -251,3 +251,25 @@ def test_factor_init_reaches_every_layer_through_the_wrappers():
                                                         init_warmup=10, final_warmup=10), total_steps=100)
     stds = [layer.p_outer.std().item() for layer in wide.model.lora2_layers.values()]
     assert 0.35 < sum(stds) / len(stds) < 0.65
+
+
+def test_active_pattern_counts_without_any_decomposition(monkeypatch):
+    """active_pattern is a mask sum (cheap enough to log every step); rank_pattern adds the effective rank."""
+    _, model = build("bert")
+    randomize_adapters(model)
+    masks = torch.ones(len(model.lora2_layers), 4)
+    masks[0, :3] = 0
+    masks[5, 1] = 0
+    model.allocator.set_masks(masks)
+    expected = {n: v["active"] for n, v in model.rank_pattern().items()}
+    assert list(expected.values())[:6] == [1, 4, 4, 4, 4, 3]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("active_pattern must not decompose anything")
+
+    for name in ("qr", "svd", "svdvals", "matrix_rank"):
+        monkeypatch.setattr(torch.linalg, name, refuse)
+    assert model.active_pattern() == expected
+    from lora2.trainer import log_values
+
+    assert log_values(model)["lora2_active_sv"] == sum(expected.values()) == 4 * 12 - 4
