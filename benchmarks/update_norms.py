@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lora2.export import lora_factors, read_lora2_adapter
+from lora2.export import read_lora2_adapter
 from lora2.persistence import atomic_write
 
 HERE = Path(__file__).resolve().parent
@@ -43,13 +43,9 @@ def _module_key(name: str) -> str:
 
 
 def lora2_deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """ΔW (PyTorch layout, scaled, pruned values left out) of every matrix, via the PEFT export's rank-k factors."""
+    """s·ΔW (the base weight's layout, pruned values left out) of every matrix, in float64, from the saved factors."""
     src = read_lora2_adapter(adapter)
-    out = {}
-    for name, f in src.factors.items():
-        a, b = lora_factors({p: t.double() for p, t in f.items()}, src.config.scaling)
-        out[_module_key(name)] = b @ a
-    return out
+    return {_module_key(name): f.to(torch.float64).delta_weight() for name, f in src.factors.items()}
 
 
 def peft_deltas(adapter: Path) -> dict[str, torch.Tensor]:

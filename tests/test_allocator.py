@@ -266,3 +266,39 @@ def test_no_pruning_when_target_equals_r():
     set_state(layers, 1)
     assert alloc.update_and_allocate(1) is None
     assert alloc.masks().sum().item() == 8 and not alloc.ema_i
+
+
+def test_masks_change_only_through_the_layers_set_mask(monkeypatch):
+    """The allocator never writes a layer's buffers itself: every mask change is LoRA2Layer.set_mask
+    (which also zeroes the pruned lam), and a restored state goes through it without touching lam."""
+    layers = make_layers(3, 2, 4)
+    alloc = allocator(layers)
+    calls: list[tuple[int, bool]] = []
+    original = LoRA2Layer.set_mask
+
+    def spy(self, row, zero_pruned=True):
+        calls.append((id(self), zero_pruned))
+        original(self, row, zero_pruned)
+
+    monkeypatch.setattr(LoRA2Layer, "set_mask", spy)
+    for step in range(1, 61):
+        set_state(layers, step)
+        before, n_calls = alloc.masks().clone(), len(calls)
+        alloc.update_and_allocate(step)
+        assert alloc.masks_recomputed == alloc.is_mask_step(step)
+        rewritten = {i for i, _ in calls[n_calls:]}
+        for layer, old, new in zip(layers, before, alloc.masks(), strict=True):
+            assert torch.equal(old, new) or id(layer) in rewritten, step
+        if alloc.masks_recomputed or alloc.phase(step) == "final":
+            lam = torch.stack([la.lam.detach() for la in layers])
+            assert torch.count_nonzero(lam[alloc.masks() == 0]) == 0  # set_mask zeroed what it pruned
+    assert calls and all(zero for _, zero in calls)
+    fresh = allocator(make_layers(3, 2, 4, seed=5))
+    lam = [la.lam.detach().clone() for la in fresh.layers]
+    calls.clear()
+    fresh.load_state_dict(alloc.state_dict())
+    assert calls == [(id(la), False) for la in fresh.layers]  # restored as saved, lam untouched
+    assert all(torch.equal(la.lam.detach(), v) for la, v in zip(fresh.layers, lam, strict=True))
+    assert torch.equal(fresh.masks(), alloc.masks())
+    assert fresh.active_counts() == [int(c) for c in alloc.masks().sum(1).tolist()]
+    assert sum(fresh.active_counts()) == fresh.b_target == 3

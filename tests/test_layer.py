@@ -168,3 +168,38 @@ def test_half_precision_base_keeps_float32_adapter():
     assert out.dtype == torch.bfloat16
     expected = base(x).float() + (x.float() @ layer.p_outer) @ layer.core() @ layer.q_outer
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+# -- one source of the Δ math: LoRA2Factors ------------------------------------------------------
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_factors_give_the_layers_delta_core_and_lora_form(kind):
+    from lora2.factors import LoRA2Factors
+
+    layer = make_layer(kind)
+    f = layer.factors()
+    assert isinstance(f, LoRA2Factors) and f.fan_in_fan_out == (kind == "conv1d") and f.scaling == layer.scaling
+    assert not f.p_outer.requires_grad
+    torch.testing.assert_close(f.core(), layer.core().detach(), rtol=0, atol=0)
+    delta = layer.get_delta_weight().detach()
+    torch.testing.assert_close(f.delta_weight(), delta, rtol=0, atol=0)
+    pytorch_layout = delta.T if kind == "conv1d" else delta  # PEFT's B @ A is always d_out×d_in
+    for exact in (False, True):
+        a, b = f.as_lora(exact_rank=exact)
+        assert a.shape[0] == (f.effective_rank() if exact else K)
+        torch.testing.assert_close(b @ a, pytorch_layout, rtol=1e-10, atol=1e-12)
+    saved = LoRA2Factors.from_tensors(f.tensors(), layer.scaling, f.fan_in_fan_out)
+    assert saved.effective_rank() == layer.effective_rank() == 3
+    torch.testing.assert_close(saved.to(torch.float32).delta_weight(), delta.float())
+
+
+def test_set_mask_zeroes_pruned_lam_unless_restoring():
+    layer = make_layer()
+    lam = layer.lam.detach().clone()
+    layer.set_mask(torch.tensor([1, 1, 0, 1, 0, 0], dtype=torch.float64))
+    assert layer.mask.tolist() == [1, 1, 0, 1, 0, 0]
+    assert torch.equal(layer.lam.detach(), lam * layer.mask)
+    with torch.no_grad():
+        layer.lam.copy_(lam)
+    layer.set_mask(torch.ones(R, dtype=torch.float64), zero_pruned=False)
+    layer.set_mask(torch.zeros(R, dtype=torch.float64), zero_pruned=False)  # a saved mask next to its saved lam
+    assert torch.equal(layer.lam.detach(), lam) and layer.active_count() == 0

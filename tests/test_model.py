@@ -238,17 +238,19 @@ def _max_gram_error(model) -> float:
 
 
 def test_factor_init_reaches_every_layer_through_the_wrappers():
-    """init/init_std travel from LoRA2Config and from the GLUE options (MethodArgs) to every layer."""
-    from lora2.glue.methods import MethodArgs, build_method
+    """init/init_std travel from LoRA2Config and from the GLUE options to every layer."""
+    from lora2.glue.args import GlueArgs
+    from lora2.glue.methods import build_method
 
     cfg = dict(k=2, r=4, target_modules=BERT_TARGETS, total_step=100, init_warmup=10, final_warmup=10)
     assert _max_gram_error(get_lora2_model(tiny_bert(), LoRA2Config(init="orthogonal", **cfg))) < 1e-6
     assert _max_gram_error(get_lora2_model(tiny_bert(), LoRA2Config(**cfg))) > 0.5  # Gaussian, std 0.02
-    handle = build_method("lora2", tiny_bert(), MethodArgs(k=2, r=4, target_modules=BERT_TARGETS, init="orthogonal",
-                                                          init_warmup=10, final_warmup=10), total_steps=100)
+    glue = dict(task="rte", target_modules=",".join(BERT_TARGETS))
+    handle = build_method(GlueArgs(**glue, lora2=dict(k=2, r=4, init="orthogonal", init_warmup=10, final_warmup=10)),
+                          tiny_bert(), total_steps=100)
     assert _max_gram_error(handle.model) < 1e-6
-    wide = build_method("lora2", tiny_bert(), MethodArgs(k=2, r=4, target_modules=BERT_TARGETS, init_std=0.5,
-                                                        init_warmup=10, final_warmup=10), total_steps=100)
+    wide = build_method(GlueArgs(**glue, lora2=dict(k=2, r=4, init_std=0.5, init_warmup=10, final_warmup=10)),
+                        tiny_bert(), total_steps=100)
     stds = [layer.p_outer.std().item() for layer in wide.model.lora2_layers.values()]
     assert 0.35 < sum(stds) / len(stds) < 0.65
 

@@ -37,6 +37,8 @@ class RankAllocator:
         self.ema_u: dict[str, torch.Tensor] = {}
         self.outer_i: list[dict[str, torch.Tensor]] = []  # "full" importance only: per-layer shapes differ
         self.outer_u: list[dict[str, torch.Tensor]] = []
+        # True when the last update_and_allocate rebuilt the masks: a mask step, or the final phase forcing bT.
+        self.masks_recomputed = False
 
     # -- schedule -----------------------------------------------------------------------------
     @property
@@ -182,17 +184,18 @@ class RankAllocator:
     def masks(self) -> torch.Tensor:
         return torch.stack([layer.mask for layer in self.layers])
 
-    @torch.no_grad()
-    def set_masks(self, masks: torch.Tensor) -> None:
-        for layer, row in zip(self.layers, masks, strict=True):
-            layer.mask.copy_(row)
-        self.apply_masks()
+    def active_counts(self) -> list[int]:
+        """Active singular values per matrix, in ``names`` order (one host sync, no decomposition)."""
+        return [int(c) for c in self.masks().sum(dim=1).tolist()]
 
-    @torch.no_grad()
+    def set_masks(self, masks: torch.Tensor) -> None:
+        """One row per matrix, through ``LoRA2Layer.set_mask`` (which also zeroes pruned lam)."""
+        for layer, row in zip(self.layers, masks, strict=True):
+            layer.set_mask(row)
+
     def apply_masks(self) -> None:
-        """Pruned singular values get lam = 0 (the forward also multiplies by the mask)."""
-        for layer in self.layers:
-            layer.lam.mul_(layer.mask)
+        """Re-zero the lam of pruned singular values (the forward also multiplies by the mask)."""
+        self.set_masks(self.masks())
 
     @torch.no_grad()
     def mask_to_budget(self, budget: int, step: int) -> None:
@@ -213,6 +216,7 @@ class RankAllocator:
                 f"update_and_allocate(step={step}) after step {self.step}: it must run exactly once per optimizer "
                 "step with increasing step numbers (is it called both in your loop and by LoRA2Callback?)."
             )
+        self.masks_recomputed = False
         if not self.prunes:
             self.step, self.num_updates = step, self.num_updates + 1
             return None
@@ -224,20 +228,22 @@ class RankAllocator:
         if phase == "final":
             if int(self.masks().sum().item()) != self.b_target:  # entered the final phase without a last prune
                 self.mask_to_budget(self.b_target, step)
+                self.masks_recomputed = True
             self.apply_masks()
             return self.b_target
         self.update_scores(step)
         budget = self.budget(step)
         if self.is_mask_step(step):
             self.mask_to_budget(budget, step)
+            self.masks_recomputed = True
         return budget
 
     # -- reporting ----------------------------------------------------------------------------
     def rank_pattern(self) -> dict[str, dict[str, int]]:
         """Active singular values and effective rank of Δ per adapted matrix."""
         return {
-            name: {"active": layer.active_count(), "effective_rank": layer.effective_rank()}
-            for name, layer in zip(self.names, self.layers, strict=True)
+            name: {"active": active, "effective_rank": layer.effective_rank()}
+            for name, layer, active in zip(self.names, self.layers, self.active_counts(), strict=True)
         }
 
     # -- checkpointing ------------------------------------------------------------------------
@@ -277,6 +283,5 @@ class RankAllocator:
                 self.outer_u.append({n: tensors[f"outer_u.{i}.{n}"].to(device) for n in OUTER})
         self.step = int(state["step"])  # type: ignore[arg-type]
         self.num_updates = int(state["num_updates"])  # type: ignore[arg-type]
-        with torch.no_grad():
-            for layer, row in zip(self.layers, masks, strict=True):
-                layer.mask.copy_(row)
+        for layer, row in zip(self.layers, masks, strict=True):
+            layer.set_mask(row, zero_pruned=False)  # lam was saved with this mask: leave it as it was

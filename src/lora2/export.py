@@ -1,23 +1,21 @@
-"""LoRA² ⇄ PEFT LoRA: serve a LoRA² adapter with any LoRA runtime, or start LoRA² from a LoRA (SPEC §6).
+"""LoRA² → PEFT LoRA: serve a LoRA² adapter with any LoRA runtime (SPEC §6).
 
-A LoRA² update (paper layout, d_in×d_out) is ``Δ = s · p_outer · core · q_outer`` with the k×k
-``core = p_inner · diag(lam ⊙ mask) · q_inner``. A PEFT LoRA adds ``B A`` to the PyTorch-layout weight
-(``A``: rank×d_in, ``B``: d_out×rank, both the same for GPT-2's Conv1D, whose PEFT layer sets
-``fan_in_fan_out``). So
+A PEFT LoRA adds ``B A`` to the PyTorch-layout weight (``A``: rank×d_in, ``B``: d_out×rank, the
+same for GPT-2's Conv1D, whose PEFT layer sets ``fan_in_fan_out``). Each matrix's (A, B) comes
+from ``LoRA2Factors.as_lora`` with PEFT scaling 1:
 
-- **rank k** (default): ``A = p_outerᵀ``, ``B = s · (core · q_outer)ᵀ``, PEFT scaling 1 (``lora_alpha = r``);
-- **exact rank** (``exact_rank=True``): the k×k middle of Δ is reduced by QR of ``p_outer`` and
-  ``q_outerᵀ`` and one tiny SVD, so each matrix is written at its true rank (≤ min(k, active λ))
-  with PEFT's ``rank_pattern``/``alpha_pattern``; matrices whose rank is 0 are left out.
+- **rank k** (default): ``A = p_outerᵀ``, ``B = s · (core · q_outer)ᵀ`` (``lora_alpha = r``);
+- **exact rank** (``exact_rank=True``): each matrix at its true rank (≤ min(k, active λ)) with
+  PEFT's ``rank_pattern``/``alpha_pattern``; matrices whose rank is 0 are left out.
 
 No d_in×d_out matrix is formed, and reading a saved adapter needs no base-model weights.
-``init_from_peft_lora`` goes the other way: a fresh LoRA² model whose update equals a PEFT LoRA's.
+``init_from_peft_lora`` (in ``peft_import``, re-exported here) goes the other way.
 """
 
 from __future__ import annotations
 
-import math
-import re
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,13 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import CONFIG_NAME, LoRA2Config
-from .layer import FACTOR_NAMES, numerical_rank, reduced_factors, small_svd
-from .persistence import WEIGHTS_NAME, read_json, read_tensors, write_json, write_tensors
+from .adapter_source import LoRA2Source, read_lora2_adapter, source_from_model
+from .factors import LoRA2Factors
+from .peft_import import init_from_peft_lora
+from .persistence import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, write_json, write_tensors
 
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
+__all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PeftExport", "export_to_peft", "init_from_peft_lora", "lora_factors",
+           "read_lora2_adapter"]
 
 # Class-name endings of 🤗 models → PEFT task_type (PeftModel.from_pretrained picks its wrapper from it).
 _TASK_TYPES = (
@@ -46,134 +44,20 @@ _TASK_TYPES = (
 _TASK_HEADS = {"SEQ_CLS": {"classifier", "score"}, "TOKEN_CLS": {"classifier", "score"}, "QUESTION_ANS": {"qa_outputs"}}
 
 
-def lora_factors(f: dict[str, torch.Tensor], scaling: float, exact_rank: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of a PEFT LoRA with scaling 1 and ``B @ A`` = the PyTorch-layout update ``s · Δᵀ``.
+def lora_factors(f: LoRA2Factors | Mapping[str, torch.Tensor], scaling: float | None = None,
+                 exact_rank: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of a PEFT LoRA with scaling 1 and ``B @ A`` = the PyTorch-layout update s·Δᵀ: ``LoRA2Factors.as_lora``.
 
-    ``exact_rank=False``: rank k, ``A = p_outerᵀ``, ``B = s · (core · q_outer)ᵀ`` (SPEC §6).
-    ``exact_rank=True``: rank = rank(Δ) (may be 0); the singular values are split evenly as √σ
-    between A and B. Results come back in the dtype of ``p_outer``.
+    ``f``: a ``LoRA2Factors`` (its own scaling unless ``scaling`` is given), or tensors keyed by
+    ``FACTOR_NAMES`` with ``scaling``.
     """
-    dtype = f["p_outer"].dtype
-    if not exact_rank:
-        lam = f["lam"].double() * f["mask"].double() * scaling
-        core = (f["p_inner"].double() * lam) @ f["q_inner"].double()  # (k, k), s folded in
-        a = f["p_outer"].double().T
-        b = (core @ f["q_outer"].double()).T
-        return a.to(dtype).contiguous(), b.to(dtype).contiguous()
-    qp, left, right, qq, _ = reduced_factors(f, scaling)
-    d_in, d_out = qp.shape[0], qq.shape[0]
-    if left.shape[1] == 0:
-        return torch.zeros(0, d_in, dtype=dtype), torch.zeros(d_out, 0, dtype=dtype)
-    q1, u, s, vh, q2 = small_svd(left, right)
-    rank = numerical_rank(s, dtype)
-    root = s[:rank].sqrt()
-    a = ((qp @ q1 @ u[:, :rank]) * root).T  # (rank, d_in)
-    b = (qq @ q2 @ vh[:rank].T) * root  # (d_out, rank)
-    return a.to(dtype).contiguous(), b.to(dtype).contiguous()
-
-
-# -- reading a LoRA² adapter (a live model or a save_pretrained directory) ---------------------
-@dataclass
-class _LoRA2Source:
-    config: LoRA2Config
-    factors: dict[str, dict[str, torch.Tensor]]
-    fan_in_fan_out: dict[str, bool]
-    modules_to_save: list[str]
-    saved_tensors: dict[str, torch.Tensor]  # modules_to_save weights, keyed by name in the unwrapped model
-    base_model_name_or_path: str | None
-    base_model_class: str | None
-    where: str
-
-
-def _from_model(model: Any) -> _LoRA2Source:
-    if getattr(model, "_unloaded", False):
-        raise ValueError("This LoRA2Model was unloaded by merge_and_unload(); export the model before merging, "
-                         "or export its saved adapter directory.")
-    factors = {
-        name: {p: t.cpu() for p, t in layer.factors().items()} for name, layer in model.lora2_layers.items()
-    }
-    saved: dict[str, torch.Tensor] = {}
-    for name in model.modules_to_save_names:
-        for key, value in model.base_model.get_submodule(name).state_dict().items():
-            saved[f"{name}.{key}"] = value.detach().cpu()
-    base_cfg = model.config
-    return _LoRA2Source(
-        config=model.lora2_config,
-        factors=factors,
-        fan_in_fan_out={n: bool(layer.fan_in_fan_out) for n, layer in model.lora2_layers.items()},
-        modules_to_save=list(model.modules_to_save_names),
-        saved_tensors=saved,
-        base_model_name_or_path=getattr(base_cfg, "_name_or_path", None) or None,
-        base_model_class=type(model.base_model).__name__,
-        where="the LoRA2Model",
-    )
-
-
-def read_lora2_adapter(directory: Path) -> _LoRA2Source:
-    """A saved LoRA² adapter directory, validated: config, per-matrix factors (``FACTOR_NAMES``) and the rest."""
-    if not directory.exists():
-        raise FileNotFoundError(f"Adapter directory {directory} does not exist; pass the directory "
-                                "LoRA2Model.save_pretrained wrote.")
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is a file; pass the adapter directory that contains {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    if not (directory / CONFIG_NAME).is_file():
-        hint = (" It holds a PEFT adapter already (adapter_config.json): it needs no export."
-                if (directory / PEFT_CONFIG_NAME).is_file() else "")
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}, so it is not a LoRA² adapter directory "
-                                f"(written by LoRA2Model.save_pretrained).{hint}")
-    meta = read_json(directory / CONFIG_NAME)
-    if not isinstance(meta, dict) or meta.get("library") != "lora2" or "config" not in meta:
-        raise ValueError(f"{directory / CONFIG_NAME} is not a LoRA² adapter config (no 'library': 'lora2' / 'config').")
-    config = LoRA2Config.from_dict(meta["config"])
-    names = meta.get("adapted_modules")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{directory / CONFIG_NAME} has no usable 'adapted_modules' list; the file is corrupted. "
-                         "Re-save the adapter with LoRA2Model.save_pretrained.")
-    fan = meta.get("fan_in_fan_out")
-    if not isinstance(fan, dict) or set(fan) != set(names):
-        raise ValueError(
-            f"{directory / CONFIG_NAME} does not say which adapted layers are GPT-2 Conv1D ('fan_in_fan_out', written "
-            "by lora2 since the export feature). Load it with LoRA2Model.from_pretrained(base_model, dir) and pass "
-            "that model to export_to_peft, or re-save it with save_pretrained."
-        )
-    to_save = meta.get("modules_to_save") or []
-    tensors = read_tensors(directory / WEIGHTS_NAME)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for name in names:
-        missing = [p for p in FACTOR_NAMES if f"{name}.{p}" not in tensors]
-        if missing:
-            raise ValueError(f"{directory / WEIGHTS_NAME} lacks {[f'{name}.{p}' for p in missing]}; the adapter is "
-                             "incomplete or corrupted. Re-save it with LoRA2Model.save_pretrained.")
-        factors[name] = {p: tensors.pop(f"{name}.{p}") for p in FACTOR_NAMES}
-    stray = [key for key in tensors if not any(key.startswith(m + ".") for m in to_save)]
-    if stray:
-        raise ValueError(f"{directory / WEIGHTS_NAME} has tensors that belong to no adapted module or modules_to_save, "
-                         f"e.g. {stray[:3]}; the weights do not match {CONFIG_NAME}.")
-    return _LoRA2Source(
-        config=config,
-        factors=factors,
-        fan_in_fan_out={n: bool(fan[n]) for n in names},
-        modules_to_save=list(to_save),
-        saved_tensors=tensors,
-        base_model_name_or_path=meta.get("base_model_name_or_path"),
-        base_model_class=meta.get("base_model_class"),
-        where=f"the adapter in {directory}",
-    )
-
-
-def _check_factors(src: _LoRA2Source) -> None:
-    k, r = src.config.k, src.config.r
-    for name, f in src.factors.items():
-        d_in, d_out = f["p_outer"].shape[0], f["q_outer"].shape[-1]
-        expected = {"p_outer": (d_in, k), "p_inner": (k, r), "lam": (r,), "q_inner": (r, k), "q_outer": (k, d_out),
-                    "mask": (r,)}
-        for p, shape in expected.items():
-            t = f[p]
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name}.{p} in {src.where} has shape {tuple(t.shape)}, expected {shape} for k={k}, "
-                                 f"r={r}; the adapter is corrupted or its config does not match its weights.")
-            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name}.{p} in {src.where} is not a finite floating-point tensor; the adapter is broken.")
+    if not isinstance(f, LoRA2Factors):
+        if scaling is None:
+            raise TypeError("lora_factors needs the scaling s when given a mapping of tensors.")
+        f = LoRA2Factors.from_tensors(f, scaling)
+    elif scaling is not None:
+        f = dataclasses.replace(f, scaling=float(scaling))
+    return f.as_lora(exact_rank=exact_rank)
 
 
 def _task_type(class_name: str | None, adapted: list[str], modules_to_save: list[str]) -> str | None:
@@ -235,14 +119,15 @@ def export_to_peft(
     with ``peft.PeftModel.from_pretrained(base, out_dir)``.
     """
     source_dir: Path | None = None
+    src: LoRA2Source
     if isinstance(adapter, (str, Path)):
         source_dir = Path(adapter)
         src = read_lora2_adapter(source_dir)
     elif hasattr(adapter, "lora2_layers") and hasattr(adapter, "lora2_config"):
-        src = _from_model(adapter)
+        src = source_from_model(adapter)
     else:
         raise TypeError(f"export_to_peft takes a LoRA2Model or an adapter directory, not {type(adapter).__name__}.")
-    _check_factors(src)
+    src.check()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"Output {out} is a file; export_to_peft writes a directory. Choose a new or existing directory.")
@@ -250,12 +135,11 @@ def export_to_peft(
         raise ValueError(f"Output {out} is the LoRA² adapter directory itself; write the PEFT adapter to another one.")
     _check_unambiguous(list(src.factors) + src.modules_to_save)
 
-    scaling = src.config.scaling
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     dropped: list[str] = []
     for name, f in src.factors.items():
-        a, b = lora_factors(f, scaling, exact_rank=exact_rank)
+        a, b = f.as_lora(exact_rank=exact_rank)
         if a.shape[0] == 0:
             dropped.append(name)
             continue
@@ -304,104 +188,3 @@ def export_to_peft(
                       exact_rank=exact_rank)
 
 
-# -- import -----------------------------------------------------------------------------------
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches ``name`` as a dotted suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def init_from_peft_lora(model: Any, peft_adapter_dir: str | Path) -> list[str]:
-    """Set a fresh ``LoRA2Model``'s factors so that its update equals a PEFT LoRA adapter's, exactly.
-
-    For a PEFT matrix ``scaling · B A`` of rank m (needs m ≤ k and m ≤ r): ``p_outer[:, :m] = Aᵀ``,
-    ``q_outer[:m] = scaling · Bᵀ``, ``q_outer[m:] = 0``; the first m singular values get
-    ``p_inner[:, i] = e_i``, ``q_inner[i] = e_iᵀ``, ``lam_i = 1/s`` (so core = I on the first m),
-    the other r − m keep their random ``p_inner``/``q_inner`` with ``lam = 0`` and can still learn.
-    modules_to_save tensors (e.g. a classifier) are copied too. Matrices the PEFT adapter does not
-    cover are left as they are (Δ = 0 on a fresh model). Returns the names initialised.
-    """
-    directory = Path(peft_adapter_dir)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"PEFT adapter directory {directory} does not exist.")
-    cfg = read_json(directory / PEFT_CONFIG_NAME)
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{directory / PEFT_CONFIG_NAME} is not a PEFT LoRA config (peft_type must be 'LORA').")
-    unsupported = [k for k in ("use_dora", "lora_bias") if cfg.get(k)]
-    if cfg.get("bias", "none") != "none":
-        unsupported.append(f"bias={cfg['bias']!r}")
-    if unsupported:
-        raise ValueError(f"The PEFT adapter uses {unsupported}: its update is not a plain B·A, so LoRA² cannot "
-                         "reproduce it.")
-    if not (directory / PEFT_WEIGHTS_NAME).is_file():
-        hint = " Only safetensors are read (no pickles): re-save it with a recent PEFT." \
-            if (directory / "adapter_model.bin").is_file() else ""
-        raise FileNotFoundError(f"Missing {directory / PEFT_WEIGHTS_NAME}.{hint}")
-    if getattr(model, "_unloaded", False) or any(layer.merged for layer in model.lora2_layers.values()):
-        raise RuntimeError("init_from_peft_lora needs an unmerged LoRA2Model.")
-    if model.allocator.num_updates > 0 or bool((model.allocator.masks() < 1).any()):
-        raise RuntimeError("init_from_peft_lora initialises a fresh LoRA2Model: this one has already pruned.")
-
-    tensors = read_tensors(directory / PEFT_WEIGHTS_NAME)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    saved: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", name)
-        if match:
-            pairs.setdefault(match.group(1), {})[match.group(2)] = value
-        elif ".lora_" in name:
-            raise ValueError(f"{key} is not a Linear LoRA weight (embedding/conv LoRA); LoRA² cannot import it.")
-        else:
-            saved[name] = value
-    unknown = sorted(n for n in pairs if n not in model.lora2_layers)
-    if unknown:
-        raise ValueError(f"The PEFT adapter adapts {unknown[:3]}{' ...' if len(unknown) > 3 else ''}, which this "
-                         "LoRA2Model does not adapt; add them to LoRA2Config.target_modules.")
-    base = model.get_base_model()
-    outside = sorted(n for n in saved if not any(n.startswith(m + ".") for m in model.modules_to_save_names))
-    if outside:
-        raise ValueError(f"The PEFT adapter saves {outside[:3]} (modules_to_save) but this LoRA2Model does not train "
-                         "those modules; add them to LoRA2Config.modules_to_save.")
-    wanted = {n: t for n, t in base.state_dict().items() if n in saved}
-    for n, t in saved.items():
-        if n not in wanted or tuple(wanted[n].shape) != tuple(t.shape):
-            raise ValueError(f"modules_to_save tensor {n} {tuple(t.shape)} does not fit this base model.")
-
-    alpha0, r0 = cfg.get("lora_alpha", 8), cfg.get("r", 8)
-    plan = []
-    for name, ab in pairs.items():
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise ValueError(f"The PEFT adapter has only {sorted(ab)} for {name}; it is corrupted.")
-        a, b = ab["lora_A"], ab["lora_B"]
-        layer = model.lora2_layers[name]
-        m = a.shape[0]
-        if tuple(a.shape) != (m, layer.d_in) or tuple(b.shape) != (layer.d_out, m):
-            raise ValueError(f"{name}: PEFT lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a "
-                             f"{layer.d_out}×{layer.d_in} layer.")
-        if m > layer.k or m > layer.r:
-            raise ValueError(f"{name}: the PEFT LoRA has rank {m}, but a LoRA² matrix with k={layer.k}, r={layer.r} "
-                             f"holds rank ≤ min(k, r); use k ≥ {m} and r ≥ {m}.")
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, alpha0)
-        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, name, r0)
-        if r_cfg != m:
-            raise ValueError(f"{name}: adapter_config.json says rank {r_cfg} but the weights have rank {m}; corrupted.")
-        scaling = alpha / math.sqrt(m) if cfg.get("use_rslora") else alpha / m
-        plan.append((layer, a, b, m, scaling))
-
-    with torch.no_grad():
-        for layer, a, b, m, scaling in plan:
-            dtype, device = layer.p_outer.dtype, layer.p_outer.device
-            eye = torch.eye(layer.k, m, dtype=dtype, device=device)
-            layer.p_outer[:, :m] = a.T.to(device=device, dtype=dtype)
-            layer.q_outer[:m] = (b.double().T * scaling).to(device=device, dtype=dtype)
-            layer.q_outer[m:] = 0
-            layer.p_inner[:, :m] = eye
-            layer.q_inner[:m] = eye.T
-            layer.lam.zero_()
-            layer.lam[:m] = 1.0 / layer.scaling
-        for n, t in saved.items():
-            wanted[n].copy_(t.to(device=wanted[n].device, dtype=wanted[n].dtype))
-    return list(pairs)

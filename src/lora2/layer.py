@@ -8,14 +8,17 @@ k·(d_in + d_out) + k², the same order as a rank-k LoRA.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-ADAPTER_PARAMETERS = ("p_outer", "p_inner", "lam", "q_inner", "q_outer")
-FACTORS = ("p_outer", "p_inner", "q_inner", "q_outer")  # randomly initialised and regularised (lam starts at 0)
-FACTOR_NAMES = (*ADAPTER_PARAMETERS, "mask")  # what Δ is computed from: ``LoRA2Layer.factors()``, saved adapters
+from .factors import ADAPTER_PARAMETERS, FACTOR_NAMES, FACTORS, LoRA2Factors, core, dense_update
+
 SUPPORTED_TYPES = (nn.Linear, Conv1D)
+__all__ = ["ADAPTER_PARAMETERS", "FACTORS", "FACTOR_NAMES", "SUPPORTED_TYPES", "LoRA2Layer", "base_shape",
+           "effective_rank_of_factors"]
 
 
 def base_shape(base: nn.Module) -> tuple[int, int, bool]:
@@ -31,47 +34,9 @@ def base_shape(base: nn.Module) -> tuple[int, int, bool]:
     )
 
 
-# -- rank of Δ from the factors alone (k×k work, float64, only active λ) -------------------------
-def reduced_factors(f: dict[str, torch.Tensor], scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor, torch.Tensor]:
-    """Δ = Qp · (left · right) · Qqᵀ in float64, with Qp, Qq orthonormal and left/right at most k×k.
-
-    Only the active, non-zero λ enter, so rank(left · right) ≤ #active structurally and float
-    rounding of a k×k core cannot make a pruned matrix look full-rank.
-    """
-    lam = f["lam"].double() * f["mask"].double() * scaling
-    active = torch.nonzero(lam, as_tuple=True)[0]
-    qp, rp = torch.linalg.qr(f["p_outer"].double())  # (d_in, k), (k, k)
-    qq, rq = torch.linalg.qr(f["q_outer"].double().T)  # (d_out, k), (k, k)
-    left = (rp @ f["p_inner"].double()[:, active]) * lam[active]  # (k, a)
-    right = f["q_inner"].double()[active] @ rq.T  # (a, k)
-    return qp, left, right, qq, lam
-
-
-def small_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor]:
-    """left · right = Q1 · (U S Vᵀ) · Q2ᵀ with an SVD of an m×m matrix, m = min(k, a)."""
-    q1, r1 = torch.linalg.qr(left)  # (k, m), (m, a)
-    q2, r2 = torch.linalg.qr(right.T)  # (k, m), (m, a)
-    u, s, vh = torch.linalg.svd(r1 @ r2.T)
-    return q1, u, s, vh, q2
-
-
-def numerical_rank(s: torch.Tensor, dtype: torch.dtype) -> int:
-    """Singular values above m · ε(adapter dtype) · σ_max: the ones the forward pass can resolve."""
-    if s.numel() == 0 or float(s[0]) == 0.0:
-        return 0
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
-    return int((s > s[0] * s.numel() * eps).sum().item())
-
-
-def effective_rank_of_factors(f: dict[str, torch.Tensor], scaling: float = 1.0) -> int:
-    """rank(Δ) of one LoRA² matrix from its factors (``FACTOR_NAMES``), from k×k work only."""
-    _, left, right, _, _ = reduced_factors(f, scaling)
-    if left.shape[1] == 0:
-        return 0
-    _, _, s, _, _ = small_svd(left, right)
-    return numerical_rank(s, f["p_outer"].dtype)
+def effective_rank_of_factors(f: Mapping[str, torch.Tensor], scaling: float = 1.0) -> int:
+    """rank(Δ) of one matrix from its tensors keyed by ``FACTOR_NAMES`` (see ``LoRA2Factors.effective_rank``)."""
+    return LoRA2Factors.from_tensors(f, scaling).effective_rank()
 
 
 class LoRA2Layer(nn.Module):
@@ -96,12 +61,13 @@ class LoRA2Layer(nn.Module):
                     raise ValueError(f"Unknown LoRA² factor init {init!r}; use 'gaussian' or 'orthogonal'.")
 
     def __init__(self, base_layer: nn.Module, k: int, r: int, alpha: float, dropout: float = 0.0,
-                 init_std: float = 0.02, init: str = "gaussian") -> None:
+                 init_std: float = 0.02, init: str = "gaussian", scaling: float | None = None) -> None:
+        """``scaling`` is s; None gives the spec's alpha / r (``LoRA2Model`` passes ``LoRA2Config.scaling``)."""
         super().__init__()
         d_in, d_out, self.fan_in_fan_out = base_shape(base_layer)
         self.base_layer = base_layer
         self.d_in, self.d_out, self.k, self.r = d_in, d_out, k, r
-        self.scaling = alpha / r
+        self.scaling = float(alpha / r if scaling is None else scaling)
         weight = base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
         if factory["dtype"] in (torch.float16, torch.bfloat16):
@@ -121,8 +87,8 @@ class LoRA2Layer(nn.Module):
         return f"d_in={self.d_in}, d_out={self.d_out}, k={self.k}, r={self.r}, scaling={self.scaling:g}"
 
     def core(self) -> torch.Tensor:
-        """The k×k matrix s · p_inner · diag(lam ⊙ mask) · q_inner (scaling folded in: it is tiny)."""
-        return (self.p_inner * (self.lam * self.mask * self.scaling)) @ self.q_inner
+        """The k×k matrix s · p_inner · diag(lam ⊙ mask) · q_inner (differentiable)."""
+        return core(self.p_inner, self.lam, self.mask, self.q_inner, self.scaling)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -132,22 +98,34 @@ class LoRA2Layer(nn.Module):
         update = (h @ self.core()) @ self.q_outer
         return result + update.to(result.dtype)
 
-    # -- dense views: merge, unmerge, tests and export all go through get_delta_weight ----------
-    def get_delta_weight(self) -> torch.Tensor:
-        """The dense update in the base layer's own weight layout (d_out×d_in, Conv1D: d_in×d_out)."""
-        delta = self.p_outer @ self.core() @ self.q_outer  # (d_in, d_out), the paper's layout
-        return delta if self.fan_in_fan_out else delta.T
+    # -- the mask: the allocator changes it only through these ----------------------------------
+    @torch.no_grad()
+    def set_mask(self, row: torch.Tensor, zero_pruned: bool = True) -> None:
+        """Keep the singular values where ``row`` is 1. Pruned ones also get lam = 0, so exports and
+        optimizer state see a clean zero; ``zero_pruned=False`` restores a saved mask next to the
+        lam saved with it, untouched (a resumed run must continue identically)."""
+        self.mask.copy_(row)
+        if zero_pruned:
+            self.lam.mul_(self.mask)
 
     def active_count(self) -> int:
         return int(self.mask.sum().item())
 
-    def factors(self) -> dict[str, torch.Tensor]:
-        """The five factors and the mask, detached (what rank and export computations read)."""
-        return {name: getattr(self, name).detach() for name in FACTOR_NAMES}
+    # -- dense views: merge, unmerge, export and rank all go through the factors' formulas -------
+    def factors(self, detach: bool = True) -> LoRA2Factors:
+        """This matrix's factors, mask, scaling and layout (detached unless ``detach=False``)."""
+        tensors = {name: getattr(self, name) for name in FACTOR_NAMES}
+        if detach:
+            tensors = {name: t.detach() for name, t in tensors.items()}
+        return LoRA2Factors.from_tensors(tensors, self.scaling, self.fan_in_fan_out)
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """The dense update s·Δ in the base layer's own weight layout (d_out×d_in, Conv1D: d_in×d_out)."""
+        return dense_update(self.p_outer, self.core(), self.q_outer, self.fan_in_fan_out)
 
     def effective_rank(self) -> int:
         """rank(Δ) ≤ min(k, active λ), from k×k work in float64 without forming Δ."""
-        return effective_rank_of_factors(self.factors(), self.scaling)
+        return self.factors().effective_rank()
 
     @torch.no_grad()
     def merge(self) -> None:

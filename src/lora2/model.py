@@ -1,8 +1,9 @@
 """`LoRA2Model`: puts LoRA² layers into any `nn.Module`, freezes the rest, and owns the allocator.
 
 The data path reads straight through: ``forward`` runs the wrapped model and adds γ·R to its
-loss; ``update_and_allocate`` runs the allocator once per optimizer step; ``save_pretrained``
-writes the adapter only; ``merge_and_unload`` returns the plain model with Δ folded in.
+loss; ``update_and_allocate`` runs the allocator once per optimizer step; ``merge_and_unload``
+returns the plain model with Δ folded in. Files are ``persistence``'s job, the cross-rank mask
+check ``distributed``'s, the advertised forward signature ``forward_signature``'s.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import copy
 import inspect
 import logging
-import re
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import persistence
 from .allocator import RankAllocator
-from .config import CONFIG_NAME, DEFAULT_TARGET_MODULES, LoRA2Config
-from .layer import ADAPTER_PARAMETERS, FACTOR_NAMES, SUPPORTED_TYPES, LoRA2Layer
-from .persistence import WEIGHTS_NAME, read_json, read_tensors, write_json, write_tensors
+from .config import LoRA2Config
+from .distributed import check_masks_agree, is_data_parallel
+from .forward_signature import ForwardWithBaseSignature
+from .layer import ADAPTER_PARAMETERS, LoRA2Layer
 from .regularizer import orth_regularization
+from .targets import default_targets, find_modules_to_save, find_targets, set_submodule
 
 logger = logging.getLogger(__name__)
 
@@ -33,56 +35,10 @@ logger = logging.getLogger(__name__)
 IDLE_FORWARDS_WARNING = 200
 
 
-def _suffix_match(name: str, suffix: str) -> bool:
-    return name == suffix or name.endswith("." + suffix)
-
-
-def _matches(name: str, targets: list[str] | str) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(_suffix_match(name, t) for t in targets)
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
-def _linear_names(model: nn.Module, limit: int = 8) -> str:
-    names = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)]
-    short = sorted({n.split(".")[-1] if not n.split(".")[-1].isdigit() else n for n in names})
-    shown = ", ".join(repr(s) for s in short[:limit])
-    return shown + (", ..." if len(short) > limit else "") if shown else "(none: the model has no Linear/Conv1D layer)"
-
-
-class _ForwardWithBaseSignature:
-    """``LoRA2Model.forward`` advertises the wrapped model's signature, so tools that inspect it
-    (🤗 Trainer's column filtering, pipelines) see ``input_ids``, ``labels``... and not ``*args``."""
-
-    def __get__(self, obj: LoRA2Model | None, objtype: type | None = None) -> Any:
-        if obj is None:  # class-level inspection (Trainer's find_labels): the common HF signature
-            return _class_level_forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return obj._forward(*args, **kwargs)
-
-        forward.__signature__ = obj._forward_signature  # type: ignore[attr-defined]
-        forward.__doc__ = LoRA2Model._forward.__doc__
-        return forward
-
-
-def _class_level_forward(self: LoRA2Model, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
-    """Run the wrapped model; add γ·R to its loss whenever it computes one (SPEC §3)."""
-    if labels is not None:
-        kwargs["labels"] = labels
-    return self._forward(*args, **kwargs)
-
-
 class LoRA2Model(nn.Module):
     """A model with LoRA² adapters; attribute access falls through to the wrapped model."""
 
-    forward = _ForwardWithBaseSignature()
+    forward = ForwardWithBaseSignature()
     # The base loss is a per-micro-batch mean and γ·R is added per forward, so the 🤗 Trainer must average
     # over gradient accumulation itself (and not rescale by num_items_in_batch / world size).
     accepts_loss_kwargs = False
@@ -93,19 +49,13 @@ class LoRA2Model(nn.Module):
             raise ValueError("This model already has LoRA² adapters; call merge_and_unload() before wrapping again.")
         config = copy.deepcopy(config)
         if config.target_modules is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            if model_type not in DEFAULT_TARGET_MODULES:
-                raise ValueError(
-                    f"No default target_modules for model type {model_type!r}: set LoRA2Config.target_modules "
-                    f"to names of its linear layers, e.g. some of {_linear_names(model)}."
-                )
-            config.target_modules = list(DEFAULT_TARGET_MODULES[model_type])
+            config.target_modules = default_targets(model)
         self.base_model = model
         self.lora2_config = config
         self._forward_signature = inspect.signature(model.forward)
-        self.modules_to_save_names = self._find_modules_to_save()
+        self.modules_to_save_names = find_modules_to_save(model, config.modules_to_save)
         self.lora2_layers: dict[str, LoRA2Layer] = {}
-        self._inject()
+        self._inject(find_targets(model, config.target_modules, self.modules_to_save_names))
         self._freeze()
         self.allocator = RankAllocator(list(self.lora2_layers), list(self.lora2_layers.values()), config)
         if self.allocator.prunes and config.total_step is not None:
@@ -116,56 +66,11 @@ class LoRA2Model(nn.Module):
         self.mask_sync_checks = 0  # cross-rank mask comparisons done (data-parallel training)
 
     # -- surgery ------------------------------------------------------------------------------
-    def _find_modules_to_save(self) -> list[str]:
-        wanted = self.lora2_config.modules_to_save
-        if not wanted:
-            return []
-        names = [n for n, _ in self.base_model.named_modules() if n and _matches(n, wanted)]
-        # keep only outermost matches
-        names = [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
-        missing = [w for w in wanted if not any(_suffix_match(n, w) for n in names)]
-        if missing:
-            top = sorted({n.split(".")[0] for n, _ in self.base_model.named_children()})
-            raise ValueError(
-                f"modules_to_save {missing} matched no module of {type(self.base_model).__name__}; "
-                f"its top-level modules are {top}."
-            )
-        return names
-
-    def _inject(self) -> None:
+    def _inject(self, found: list[tuple[str, nn.Module]]) -> None:
         cfg = self.lora2_config
-        targets = cfg.target_modules
-        assert targets is not None
-        found: list[tuple[str, nn.Module]] = []
-        for name, module in self.base_model.named_modules():
-            if not name or not _matches(name, targets):
-                continue
-            if any(name == s or name.startswith(s + ".") for s in self.modules_to_save_names):
-                continue  # trained in full already
-            if not isinstance(module, SUPPORTED_TYPES):
-                raise TypeError(
-                    f"target_modules matched {name!r}, a {type(module).__name__}; LoRA² adapts only nn.Linear and "
-                    "transformers' Conv1D. Use a more specific suffix (e.g. 'attention.output.dense')."
-                )
-            found.append((name, module))
-        if not found:
-            inside_saved = [n for n, _ in self.base_model.named_modules() if n and _matches(n, targets)]
-            if inside_saved:
-                raise ValueError(
-                    f"target_modules={targets!r} only matched modules inside modules_to_save ({inside_saved[:3]}), "
-                    "which are trained in full and never get an adapter. Target the backbone's linear layers."
-                )
-            raise ValueError(
-                f"target_modules={targets!r} matched no module of {type(self.base_model).__name__}. "
-                f"Its linear layers include {_linear_names(self.base_model)}."
-            )
-        if isinstance(targets, list):
-            unused = [t for t in targets if not any(_suffix_match(n, t) for n, _ in found)]
-            if unused:
-                warnings.warn(f"target_modules entries {unused} matched no module and were ignored.", stacklevel=3)
         for name, module in found:
-            layer = LoRA2Layer(module, cfg.k, cfg.r, cfg.alpha, cfg.dropout, cfg.init_std, cfg.init)
-            _set_submodule(self.base_model, name, layer)
+            layer = LoRA2Layer(module, cfg.k, cfg.r, cfg.alpha, cfg.dropout, cfg.init_std, cfg.init, cfg.scaling)
+            set_submodule(self.base_model, name, layer)
             self.lora2_layers[name] = layer
 
     def _freeze(self) -> None:
@@ -241,31 +146,20 @@ class LoRA2Model(nn.Module):
         self._check_usable()
         if any(layer.merged for layer in self.lora2_layers.values()):
             raise RuntimeError("update_and_allocate() on a merged model: call unmerge() before training further.")
-        mask_step = self.allocator.prunes and self.allocator.phase(step) != "warmup"
         budget = self.allocator.update_and_allocate(step)
-        if mask_step and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            self._check_masks_agree_across_ranks(step)
+        if self.allocator.masks_recomputed and is_data_parallel():  # only a rebuilt mask can diverge
+            check_masks_agree(self.allocator.masks(), step)
+            self.mask_sync_checks += 1
         return budget
 
-    def _check_masks_agree_across_ranks(self, step: int) -> None:
-        """Data-parallel ranks see the same averaged gradients, so their masks must be identical."""
-        dist = torch.distributed
-        masks = self.allocator.masks()
-        gathered = [torch.empty_like(masks) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, masks)
-        differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, masks)]
-        if differing:
-            raise RuntimeError(
-                f"LoRA² masks differ between rank {dist.get_rank()} and rank(s) {differing} at step {step}: the ranks "
-                "saw different gradients. Wrap the model in DistributedDataParallel before training and call "
-                "update_and_allocate on every rank after optimizer.step() (not inside no_sync())."
-            )
-        self.mask_sync_checks += 1
-
     def rank_pattern(self) -> dict[str, dict[str, int]]:
-        """Per adapted matrix: active singular values and effective rank of Δ (≤ k)."""
+        """Per adapted matrix: active singular values and effective rank of Δ (≤ k), for reports.
+        The rank costs a small float64 QR/SVD per matrix; for counts alone use ``active_pattern``."""
         return self.allocator.rank_pattern()
+
+    def active_pattern(self) -> dict[str, int]:
+        """Per adapted matrix: active singular values (a mask sum: cheap enough to log every step)."""
+        return dict(zip(self.allocator.names, self.allocator.active_counts(), strict=True))
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -323,7 +217,7 @@ class LoRA2Model(nn.Module):
             weight = layer.base_layer.weight
             if not bool(torch.isfinite(weight).all()):
                 raise FloatingPointError(f"Merging {name} produced NaN/inf weights; the adapter is broken.")
-            _set_submodule(self.base_model, name, layer.base_layer)
+            set_submodule(self.base_model, name, layer.base_layer)
         self._unloaded = True
         return self.base_model
 
@@ -342,98 +236,27 @@ class LoRA2Model(nn.Module):
                     stacklevel=3,
                 )
 
-    # -- persistence --------------------------------------------------------------------------
+    # -- persistence (lora2.persistence does the work) -----------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Adapter tensors (and modules_to_save) keyed by their name in the *unwrapped* model."""
-        state: dict[str, torch.Tensor] = {}
-        for name, layer in self.lora2_layers.items():
-            for pname in FACTOR_NAMES:
-                state[f"{name}.{pname}"] = getattr(layer, pname)
-        for name in self.modules_to_save_names:
-            for key, value in self.base_model.get_submodule(name).state_dict().items():
-                state[f"{name}.{key}"] = value
-        return state
+        return persistence.adapter_state_dict(self)
 
     def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
         """Write the adapter: ``lora2_adapter.safetensors`` and ``lora2_config.json`` (written last)."""
         self._check_usable()
         self._warn_if_never_allocated("save_pretrained")
-        if any(layer.merged for layer in self.lora2_layers.values()):
-            raise RuntimeError("save_pretrained() on a merged model: call unmerge() first so the base stays clean.")
-        directory = Path(save_directory)
-        if directory.exists() and not directory.is_dir():
-            raise NotADirectoryError(f"save_pretrained needs a directory, but {directory} is a file.")
-        write_tensors(directory / WEIGHTS_NAME, self.adapter_state_dict(), metadata={"format": "pt", "library": "lora2"})
-        base_cfg = self.config
-        write_json(directory / CONFIG_NAME, {
-            "library": "lora2",
-            "version": __version__,
-            "config": self.lora2_config.to_dict(),
-            "base_model_name_or_path": getattr(base_cfg, "_name_or_path", None) or None,
-            "base_model_class": type(self.base_model).__name__,
-            "adapted_modules": list(self.lora2_layers),
-            "fan_in_fan_out": {name: layer.fan_in_fan_out for name, layer in self.lora2_layers.items()},
-            "modules_to_save": self.modules_to_save_names,
-            "rank_pattern": self.rank_pattern(),
-            "allocator_step": self.allocator.step,
-        })
+        persistence.save_adapter(self, save_directory)
 
     def load_adapter_state(self, tensors: Mapping[str, torch.Tensor], source: str = "adapter") -> None:
         """Copy saved tensors in, after checking names and shapes against this base model."""
-        expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
-            raise ValueError(
-                f"The {source} does not fit this base model ({'; '.join(parts)}). Load it onto the same architecture "
-                "it was trained on, with the same target_modules and modules_to_save."
-            )
-        for key, target in expected.items():
-            value = tensors[key]
-            if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(
-                    f"Shape mismatch for {key}: the {source} has {tuple(value.shape)} but this base model needs "
-                    f"{tuple(target.shape)}. The adapter was trained on a base model of a different size "
-                    "(hidden size, FFN size, number of labels) or with different k/r."
-                )
-            if not value.is_floating_point():
-                raise ValueError(f"{key} in the {source} has dtype {value.dtype}; adapter tensors must be floating point.")
-        with torch.no_grad():
-            for key, target in expected.items():
-                target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+        persistence.load_adapter_state(self, tensors, source)
 
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, adapter_directory: str | Path, is_trainable: bool = False
     ) -> LoRA2Model:
         """Load an adapter written by ``save_pretrained`` onto a fresh base model."""
-        directory = Path(adapter_directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"Adapter directory {directory} does not exist.")
-        meta = read_json(directory / CONFIG_NAME)
-        if not isinstance(meta, dict) or meta.get("library") != "lora2" or "config" not in meta:
-            raise ValueError(f"{directory / CONFIG_NAME} is not a LoRA² adapter config.")
-        config = LoRA2Config.from_dict(meta["config"])
-        try:
-            wrapped = cls(model, config)
-        except (ValueError, TypeError) as err:
-            trained_on = meta.get("base_model_class")
-            if trained_on and trained_on != type(model).__name__:
-                raise ValueError(
-                    f"The adapter in {directory} was trained on a {trained_on}, not {type(model).__name__}: {err}"
-                ) from err
-            raise
-        wrapped.load_adapter_state(read_tensors(directory / WEIGHTS_NAME), source=f"adapter in {directory}")
-        if not is_trainable:
-            for param in wrapped.parameters():
-                param.requires_grad_(False)
-            wrapped.eval()
-        return wrapped
+        return persistence.load_adapter(cls, model, adapter_directory, is_trainable)
 
 
 def get_lora2_model(model: nn.Module, config: LoRA2Config) -> LoRA2Model:

@@ -2,7 +2,8 @@
 
 Nothing is ever unpickled: tensors come from safetensors, metadata from JSON. Each file is
 written to a temporary name in the same directory and renamed into place, so a killed
-process leaves either the old file or the new one, never half of one.
+process leaves either the old file or the new one, never half of one. An adapter directory is
+``lora2_adapter.safetensors`` plus ``lora2_config.json`` (config and metadata, written last).
 """
 
 from __future__ import annotations
@@ -10,13 +11,21 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .config import CONFIG_NAME, LoRA2Config
+from .factors import FACTOR_NAMES
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .model import LoRA2Model
 
 WEIGHTS_NAME = "lora2_adapter.safetensors"
 ALLOCATOR_WEIGHTS_NAME = "lora2_allocator.safetensors"
@@ -89,3 +98,115 @@ def load_allocator_state(directory: str | Path) -> dict[str, Any]:
         raise ValueError(f"{directory / ALLOCATOR_STATE_NAME} is not a LoRA² allocator state.")
     meta["tensors"] = read_tensors(directory / ALLOCATOR_WEIGHTS_NAME)
     return meta
+
+
+# -- adapter directories ----------------------------------------------------------------------
+PEFT_CONFIG_NAME = "adapter_config.json"  # a PEFT adapter directory: its config, weights and key prefix
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: LoRA2Model) -> dict[str, torch.Tensor]:
+    """Adapter tensors (and modules_to_save) keyed by their name in the *unwrapped* model."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in model.lora2_layers.items():
+        for pname in FACTOR_NAMES:
+            state[f"{name}.{pname}"] = getattr(layer, pname)
+    for name in model.modules_to_save_names:
+        for key, value in model.base_model.get_submodule(name).state_dict().items():
+            state[f"{name}.{key}"] = value
+    return state
+
+
+def save_adapter(model: LoRA2Model, save_directory: str | Path) -> None:
+    """Write the adapter directory; the base weights stay out, so a merged model is refused."""
+    from . import __version__
+
+    if any(layer.merged for layer in model.lora2_layers.values()):
+        raise RuntimeError("save_pretrained() on a merged model: call unmerge() first so the base stays clean.")
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"save_pretrained needs a directory, but {directory} is a file.")
+    write_tensors(directory / WEIGHTS_NAME, adapter_state_dict(model), metadata={"format": "pt", "library": "lora2"})
+    write_json(directory / CONFIG_NAME, {
+        "library": "lora2",
+        "version": __version__,
+        "config": model.lora2_config.to_dict(),
+        "base_model_name_or_path": getattr(model.config, "_name_or_path", None) or None,
+        "base_model_class": type(model.base_model).__name__,
+        "adapted_modules": list(model.lora2_layers),
+        "fan_in_fan_out": {name: layer.fan_in_fan_out for name, layer in model.lora2_layers.items()},
+        "modules_to_save": model.modules_to_save_names,
+        "rank_pattern": model.rank_pattern(),
+        "allocator_step": model.allocator.step,
+    })
+
+
+def read_adapter_meta(directory: Path) -> tuple[dict[str, Any], LoRA2Config]:
+    """``lora2_config.json`` of an adapter directory, validated: (metadata, config)."""
+    if not directory.exists():
+        raise FileNotFoundError(f"Adapter directory {directory} does not exist; pass the directory "
+                                "LoRA2Model.save_pretrained wrote.")
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is a file; pass the adapter directory that contains {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    if not (directory / CONFIG_NAME).is_file():
+        hint = (" It holds a PEFT adapter already (adapter_config.json): it needs no export."
+                if (directory / PEFT_CONFIG_NAME).is_file() else "")
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}, so it is not a LoRA² adapter directory "
+                                f"(written by LoRA2Model.save_pretrained).{hint}")
+    meta = read_json(directory / CONFIG_NAME)
+    if not isinstance(meta, dict) or meta.get("library") != "lora2" or "config" not in meta:
+        raise ValueError(f"{directory / CONFIG_NAME} is not a LoRA² adapter config (no 'library': 'lora2' / 'config').")
+    return meta, LoRA2Config.from_dict(meta["config"])
+
+
+def load_adapter_state(model: LoRA2Model, tensors: Mapping[str, torch.Tensor], source: str = "adapter") -> None:
+    """Copy saved tensors in, after checking names, shapes and dtypes against this base model."""
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
+        raise ValueError(
+            f"The {source} does not fit this base model ({'; '.join(parts)}). Load it onto the same architecture "
+            "it was trained on, with the same target_modules and modules_to_save."
+        )
+    for key, target in expected.items():
+        value = tensors[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"Shape mismatch for {key}: the {source} has {tuple(value.shape)} but this base model needs "
+                f"{tuple(target.shape)}. The adapter was trained on a base model of a different size "
+                "(hidden size, FFN size, number of labels) or with different k/r."
+            )
+        if not value.is_floating_point():
+            raise ValueError(f"{key} in the {source} has dtype {value.dtype}; adapter tensors must be floating point.")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+
+
+def load_adapter(cls: type[LoRA2Model], model: nn.Module, adapter_directory: str | Path,
+                 is_trainable: bool = False) -> LoRA2Model:
+    """Wrap a fresh base ``model`` as the saved config says and copy the saved tensors in."""
+    directory = Path(adapter_directory)
+    meta, config = read_adapter_meta(directory)
+    try:
+        wrapped = cls(model, config)
+    except (ValueError, TypeError) as err:
+        trained_on = meta.get("base_model_class")
+        if trained_on and trained_on != type(model).__name__:
+            raise ValueError(
+                f"The adapter in {directory} was trained on a {trained_on}, not {type(model).__name__}: {err}"
+            ) from err
+        raise
+    load_adapter_state(wrapped, read_tensors(directory / WEIGHTS_NAME), source=f"adapter in {directory}")
+    if not is_trainable:
+        for param in wrapped.parameters():
+            param.requires_grad_(False)
+        wrapped.eval()
+    return wrapped

@@ -35,8 +35,8 @@ def find_lora2_model(model: Any) -> LoRA2Model:
 
 
 def log_values(lora2_model: LoRA2Model) -> dict[str, float]:
-    """Active singular values, the current budget b(t) and the last regulariser value."""
-    extra: dict[str, float] = {"lora2_active_sv": int(lora2_model.allocator.masks().sum().item())}
+    """Active singular values (mask sums, no rank computation), the current budget b(t) and the last regulariser value."""
+    extra: dict[str, float] = {"lora2_active_sv": sum(lora2_model.active_pattern().values())}
     if lora2_model.allocator.prunes and lora2_model.lora2_config.total_step and lora2_model.allocator.step > 0:
         extra["lora2_budget"] = lora2_model.allocator.budget(lora2_model.allocator.step)
     if lora2_model.last_orth_reg is not None:

@@ -1,0 +1,98 @@
+"""A LoRA² adapter as plain data, from a live ``LoRA2Model`` or a saved directory (no base weights needed).
+
+Export and the benchmarks read adapters through this: per adapted matrix one ``LoRA2Factors``
+(factors, mask, scaling, layout), plus the config, the modules_to_save tensors and what the
+metadata says about the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import CONFIG_NAME, LoRA2Config
+from .factors import FACTOR_NAMES, LoRA2Factors
+from .persistence import WEIGHTS_NAME, read_adapter_meta, read_tensors
+
+
+@dataclass
+class LoRA2Source:
+    config: LoRA2Config
+    factors: dict[str, LoRA2Factors]
+    modules_to_save: list[str]
+    saved_tensors: dict[str, torch.Tensor]  # modules_to_save weights, keyed by name in the unwrapped model
+    base_model_name_or_path: str | None
+    base_model_class: str | None
+    where: str
+
+    @property
+    def fan_in_fan_out(self) -> dict[str, bool]:
+        return {name: f.fan_in_fan_out for name, f in self.factors.items()}
+
+    def check(self) -> None:
+        """Every matrix's tensors have the config's k/r shapes and are finite (raises ``ValueError``)."""
+        for name, f in self.factors.items():
+            f.check(self.config.k, self.config.r, name, self.where)
+
+
+def source_from_model(model: Any) -> LoRA2Source:
+    """The adapter of a live ``LoRA2Model``, copied to the CPU."""
+    if getattr(model, "_unloaded", False):
+        raise ValueError("This LoRA2Model was unloaded by merge_and_unload(); export the model before merging, "
+                         "or export its saved adapter directory.")
+    saved: dict[str, torch.Tensor] = {}
+    for name in model.modules_to_save_names:
+        for key, value in model.base_model.get_submodule(name).state_dict().items():
+            saved[f"{name}.{key}"] = value.detach().cpu()
+    return LoRA2Source(
+        config=model.lora2_config,
+        factors={name: layer.factors().to("cpu") for name, layer in model.lora2_layers.items()},
+        modules_to_save=list(model.modules_to_save_names),
+        saved_tensors=saved,
+        base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
+        base_model_class=type(model.base_model).__name__,
+        where="the LoRA2Model",
+    )
+
+
+def read_lora2_adapter(directory: str | Path) -> LoRA2Source:
+    """A saved LoRA² adapter directory, validated: config, one ``LoRA2Factors`` per matrix, and the rest."""
+    directory = Path(directory)
+    meta, config = read_adapter_meta(directory)
+    names = meta.get("adapted_modules")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{directory / CONFIG_NAME} has no usable 'adapted_modules' list; the file is corrupted. "
+                         "Re-save the adapter with LoRA2Model.save_pretrained.")
+    fan = meta.get("fan_in_fan_out")
+    if not isinstance(fan, dict) or set(fan) != set(names):
+        raise ValueError(
+            f"{directory / CONFIG_NAME} does not say which adapted layers are GPT-2 Conv1D ('fan_in_fan_out', written "
+            "by lora2 since the export feature). Load it with LoRA2Model.from_pretrained(base_model, dir) and pass "
+            "that model to export_to_peft, or re-save it with save_pretrained."
+        )
+    to_save = meta.get("modules_to_save") or []
+    tensors = read_tensors(directory / WEIGHTS_NAME)
+    factors: dict[str, LoRA2Factors] = {}
+    for name in names:
+        missing = [p for p in FACTOR_NAMES if f"{name}.{p}" not in tensors]
+        if missing:
+            raise ValueError(f"{directory / WEIGHTS_NAME} lacks {[f'{name}.{p}' for p in missing]}; the adapter is "
+                             "incomplete or corrupted. Re-save it with LoRA2Model.save_pretrained.")
+        own = {p: tensors.pop(f"{name}.{p}") for p in FACTOR_NAMES}
+        factors[name] = LoRA2Factors.from_tensors(own, config.scaling, bool(fan[name]))
+    stray = [key for key in tensors if not any(key.startswith(m + ".") for m in to_save)]
+    if stray:
+        raise ValueError(f"{directory / WEIGHTS_NAME} has tensors that belong to no adapted module or modules_to_save, "
+                         f"e.g. {stray[:3]}; the weights do not match {CONFIG_NAME}.")
+    return LoRA2Source(
+        config=config,
+        factors=factors,
+        modules_to_save=list(to_save),
+        saved_tensors=tensors,
+        base_model_name_or_path=meta.get("base_model_name_or_path"),
+        base_model_class=meta.get("base_model_class"),
+        where=f"the adapter in {directory}",
+    )

@@ -1,0 +1,34 @@
+"""A wrapper's ``forward`` that advertises the wrapped model's signature.
+
+🤗 Trainer drops dataset columns the model's ``forward`` does not name, and finds label columns
+from it; pipelines inspect it too. A wrapper whose forward is ``(*args, **kwargs)`` would lose
+``input_ids``, ``labels``... So the descriptor hands out, per instance, a function carrying the
+wrapped model's signature that calls the instance's ``_forward``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ForwardWithBaseSignature:
+    """Class attribute ``forward = ForwardWithBaseSignature()`` on a module that sets
+    ``_forward_signature`` (the wrapped model's ``inspect.signature``) and defines ``_forward``."""
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:  # class-level inspection (Trainer's find_labels): the common HF signature
+            return class_level_forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return obj._forward(*args, **kwargs)
+
+        forward.__signature__ = obj._forward_signature  # type: ignore[attr-defined]
+        forward.__doc__ = type(obj)._forward.__doc__
+        return forward
+
+
+def class_level_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+    """Run the wrapped model; add γ·R to its loss whenever it computes one (SPEC §3)."""
+    if labels is not None:
+        kwargs["labels"] = labels
+    return self._forward(*args, **kwargs)

@@ -1,0 +1,98 @@
+"""Which modules of a model get a LoRA² layer, and which are trained in full (``modules_to_save``).
+
+Names match as dotted suffixes (``"query"`` matches ``bert.encoder.layer.0.attention.self.query``)
+or, when ``target_modules`` is one string, as a regex over the full name. Every dead end raises
+with what the model does have, so a typo costs one run of the constructor, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+from torch import nn
+
+from .config import DEFAULT_TARGET_MODULES
+from .layer import SUPPORTED_TYPES
+
+
+def suffix_match(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(suffix_match(name, t) for t in targets)
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def linear_names(model: nn.Module, limit: int = 8) -> str:
+    """A short list of the model's adaptable layer names, for error messages."""
+    names = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)]
+    short = sorted({n.split(".")[-1] if not n.split(".")[-1].isdigit() else n for n in names})
+    shown = ", ".join(repr(s) for s in short[:limit])
+    return shown + (", ..." if len(short) > limit else "") if shown else "(none: the model has no Linear/Conv1D layer)"
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The "ALL" target set (SPEC §7) of the model's type."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise ValueError(
+            f"No default target_modules for model type {model_type!r}: set LoRA2Config.target_modules "
+            f"to names of its linear layers, e.g. some of {linear_names(model)}."
+        )
+    return list(DEFAULT_TARGET_MODULES[model_type])
+
+
+def find_modules_to_save(model: nn.Module, wanted: list[str] | None) -> list[str]:
+    """Full names of the outermost modules matching ``wanted``; every entry must match something."""
+    if not wanted:
+        return []
+    names = [n for n, _ in model.named_modules() if n and matches(n, wanted)]
+    names = [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]  # outermost only
+    missing = [w for w in wanted if not any(suffix_match(n, w) for n in names)]
+    if missing:
+        top = sorted({n.split(".")[0] for n, _ in model.named_children()})
+        raise ValueError(
+            f"modules_to_save {missing} matched no module of {type(model).__name__}; its top-level modules are {top}."
+        )
+    return names
+
+
+def find_targets(model: nn.Module, targets: list[str] | str, saved: list[str]) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every module to adapt: matched, outside ``saved``, and a Linear/Conv1D."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or not matches(name, targets):
+            continue
+        if any(name == s or name.startswith(s + ".") for s in saved):
+            continue  # trained in full already
+        if not isinstance(module, SUPPORTED_TYPES):
+            raise TypeError(
+                f"target_modules matched {name!r}, a {type(module).__name__}; LoRA² adapts only nn.Linear and "
+                "transformers' Conv1D. Use a more specific suffix (e.g. 'attention.output.dense')."
+            )
+        found.append((name, module))
+    if not found:
+        inside_saved = [n for n, _ in model.named_modules() if n and matches(n, targets)]
+        if inside_saved:
+            raise ValueError(
+                f"target_modules={targets!r} only matched modules inside modules_to_save ({inside_saved[:3]}), "
+                "which are trained in full and never get an adapter. Target the backbone's linear layers."
+            )
+        raise ValueError(
+            f"target_modules={targets!r} matched no module of {type(model).__name__}. "
+            f"Its linear layers include {linear_names(model)}."
+        )
+    if isinstance(targets, list):
+        unused = [t for t in targets if not any(suffix_match(n, t) for n, _ in found)]
+        if unused:
+            warnings.warn(f"target_modules entries {unused} matched no module and were ignored.", stacklevel=4)
+    return found
