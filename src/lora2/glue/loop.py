@@ -66,6 +66,38 @@ def resume(path: str, out_dir: Path, method: Method, optimizer: Any, scheduler: 
     return LoopState(**{f.name: saved[f.name] for f in dataclasses.fields(LoopState) if f.name in saved})
 
 
+def train_step(method: Method, batch: dict[str, torch.Tensor], optimizer: Any, scheduler: Any, step: int,
+               max_grad_norm: float, params: list[torch.nn.Parameter] | None = None,
+               phase: Callable[[str], None] | None = None) -> torch.Tensor:
+    """One optimizer step (step number ``step``, 1-based), the only copy that the pipeline and the benchmarks run:
+    forward, backward, clip, optimizer, the method's hook, schedule, zero_grad. Returns the loss.
+
+    ``phase`` (benchmarks) is called with "forward", "backward", "optimizer" (clip included), "hook" and
+    "zero_grad" as each part ends, so a timer can split the step without a second copy of it.
+    """
+    loss = method.model(**batch).loss
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"Training loss is {loss.item()} at step {step}; lower the learning rate.")
+    if phase is not None:
+        phase("forward")
+    loss.backward()
+    if phase is not None:
+        phase("backward")
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params if params is not None else method.trainable(), max_grad_norm)
+    optimizer.step()
+    if phase is not None:
+        phase("optimizer")
+    method.after_step(step, scheduler.get_last_lr()[0])
+    if phase is not None:
+        phase("hook")
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if phase is not None:
+        phase("zero_grad")
+    return loss
+
+
 def train(method: Method, loader: Any, generator: torch.Generator, optimizer: Any, scheduler: Any,
           evaluate: Callable[[], dict[str, float]], score: Callable[[dict[str, float]], float],
           settings: LoopSettings, out_dir: Path, state: LoopState, device: str,
@@ -89,19 +121,9 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
                     continue  # consumed before the checkpoint this run resumed from
                 t0 = time.perf_counter()
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"Training loss is {loss.item()} at step {state.step + 1}; "
-                                             "lower the learning rate.")
-                loss.backward()
-                if settings.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                optimizer.step()
+                loss = train_step(method, batch, optimizer, scheduler, state.step + 1, settings.max_grad_norm, params)
                 state.step += 1
                 state.batches_done = index + 1
-                method.after_step(state.step, scheduler.get_last_lr()[0])
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 state.train_time += time.perf_counter() - t0
                 running.append(loss.item())
                 bar.update(1)
