@@ -14,6 +14,7 @@ def test_defaults_are_the_papers():
     assert (cfg.k, cfg.r, cfg.alpha, cfg.beta1, cfg.beta2, cfg.importance) == (1, 8, 32.0, 0.85, 0.85, "reduced")
     assert cfg.orth_terms == ["uv", "UV", "PQ"]
     assert cfg.scaling == 4.0
+    assert (cfg.pq_form, cfg.lam_lr_ratio, cfg.scaling_rule) == ("literal", 1.0, "alpha/r")  # the spec's
 
 
 @pytest.mark.parametrize(
@@ -27,6 +28,9 @@ def test_defaults_are_the_papers():
         ("beta1", 1.0), ("beta2", 0.0), ("total_step", 0), ("orth_reg_weight", -0.1),
         ("orth_terms", ["uv", "pq"]), ("orth_terms", ["uv", "uv"]), ("importance", "fast"),
         ("target_modules", []), ("target_modules", [""]), ("modules_to_save", "classifier"),
+        ("pq_form", "exact"), ("pq_form", None), ("scaling_rule", "alpha/d"), ("scaling_rule", "alpha / r"),
+        ("lam_lr_ratio", 0), ("lam_lr_ratio", -2.0), ("lam_lr_ratio", float("inf")), ("lam_lr_ratio", "16"),
+        ("lam_lr_ratio", True),
     ],
 )
 def test_invalid_value_names_the_field(field, value):
@@ -63,12 +67,33 @@ def test_target_total_rank_larger_than_initial_budget_is_rejected():
 
 def test_json_round_trip(tmp_path):
     cfg = LoRA2Config(k=2, r=6, target_rank=3, target_modules="layer\\.\\d+\\.attention\\..*", orth_terms=["PQ"],
-                      importance="full", total_step=5000, modules_to_save=["classifier"])
+                      importance="full", total_step=5000, modules_to_save=["classifier"], pq_form="rank",
+                      lam_lr_ratio=16.0, scaling_rule="alpha/sqrt(r)")
     path = tmp_path / "c.json"
     path.write_text(cfg.to_json_string())
     again = LoRA2Config.from_json_file(path)
     assert again == cfg
     assert json.loads(path.read_text())["importance"] == "full"
+    assert (again.pq_form, again.lam_lr_ratio, again.scaling_rule) == ("rank", 16.0, "alpha/sqrt(r)")
+    assert again.scaling == cfg.scaling == pytest.approx(32 / 6**0.5)
+
+
+@pytest.mark.parametrize(("rule", "expected"), [("alpha/r", 4.0), ("alpha/k", 16.0), ("alpha/sqrt(r)", 11.3137085)])
+def test_scaling_rule_sets_s(rule, expected):
+    assert LoRA2Config(k=2, r=8, alpha=32.0, scaling_rule=rule).scaling == pytest.approx(expected)
+
+
+def test_every_field_has_help_and_the_string_choices_are_listed():
+    """The CLI builds a flag per field from its metadata: help everywhere, choices where a string has them."""
+    from dataclasses import fields
+
+    by_name = {f.name: f for f in fields(LoRA2Config)}
+    assert all(len(f.metadata.get("help", "")) > 20 for f in by_name.values())
+    assert by_name["pq_form"].metadata["choices"] == ["literal", "rank"]
+    assert by_name["scaling_rule"].metadata["choices"] == ["alpha/r", "alpha/k", "alpha/sqrt(r)"]
+    assert "LoRA+" in by_name["lam_lr_ratio"].metadata["help"]
+    for name in ("pq_form", "lam_lr_ratio", "scaling_rule"):
+        assert name in LoRA2Config.__doc__
 
 
 def test_unknown_json_field_is_named(tmp_path):

@@ -343,3 +343,31 @@ def test_lora2_export_command(tmp_path, capsys):
     assert config["rank_pattern"] == expected
     assert main(["export", "--adapter", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# -- scaling_rule: layers, saved adapters and exports all use the config's s --------------------------
+@pytest.mark.parametrize(("rule", "s"), [("alpha/r", 12 / R), ("alpha/k", 12 / K), ("alpha/sqrt(r)", 12 / R**0.5)])
+def test_scaling_rule_reaches_layers_saved_adapters_and_the_export(rule, s, tmp_path):
+    model = get_lora2_model(tiny_llama(), LoRA2Config(k=K, r=R, alpha=12, target_modules=LLAMA_TARGETS,
+                                                      scaling_rule=rule))
+    randomize_adapters(model, std=0.3)
+    prune(model)
+    model.eval()
+    assert [layer.scaling for layer in model.lora2_layers.values()] == pytest.approx([s] * len(model.lora2_layers))
+    layer = next(iter(model.lora2_layers.values()))
+    p = layer.p_outer @ layer.p_inner
+    q = layer.q_inner @ layer.q_outer
+    dense = s * (p @ torch.diag(layer.lam * layer.mask) @ q)  # s · P Λ Q, paper layout
+    torch.testing.assert_close(layer.get_delta_weight(), dense.T, rtol=1e-5, atol=1e-6)
+    model.save_pretrained(tmp_path / "lora2")
+    loaded = LoRA2Model.from_pretrained(tiny_llama(), tmp_path / "lora2")
+    assert loaded.lora2_config.scaling_rule == rule
+    assert [la.scaling for la in loaded.lora2_layers.values()] == pytest.approx([s] * len(model.lora2_layers))
+    torch.testing.assert_close(loaded(**batch()).logits, model(**batch()).logits, rtol=0, atol=0)
+    export_to_peft(tmp_path / "lora2", tmp_path / "peft", exact_rank=True)
+    torch.testing.assert_close(load_peft(tiny_llama, tmp_path / "peft")(**batch()).logits, model(**batch()).logits,
+                               rtol=0, atol=1e-5)
+    fresh = get_lora2_model(tiny_llama(), LoRA2Config(k=K, r=R, alpha=12, target_modules=LLAMA_TARGETS,
+                                                      scaling_rule=rule))
+    init_from_peft_lora(fresh, tmp_path / "peft")  # the import sets lam = 1/s with this layer's s
+    torch.testing.assert_close(fresh(**batch()).logits, model(**batch()).logits, rtol=0, atol=1e-5)

@@ -275,3 +275,30 @@ def test_active_pattern_counts_without_any_decomposition(monkeypatch):
     from lora2.trainer import log_values
 
     assert log_values(model)["lora2_active_sv"] == sum(expected.values()) == 4 * 12 - 4
+
+
+def test_optimizer_param_groups_put_lam_at_its_own_rate():
+    _, model = build("bert", lam_lr_ratio=4.0)
+    randomize_adapters(model)
+    groups = model.optimizer_param_groups(1e-3, weight_decay=0.1, no_decay=["base_model.classifier.bias"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len(trainable) == len({id(p) for p in grouped})  # every trainable parameter exactly once
+    assert {id(p) for p in grouped} == {id(p) for p in trainable}
+    lam = {id(layer.lam) for layer in model.lora2_layers.values()}
+    for group in groups:
+        is_lam = {id(p) in lam for p in group["params"]}
+        assert len(is_lam) == 1
+        assert group["lr"] == pytest.approx(4e-3 if is_lam.pop() else 1e-3)
+        bias = any(p is model.base_model.classifier.bias for p in group["params"])
+        assert group["weight_decay"] == (0.0 if bias else 0.1)
+    # one plain SGD step moves lam by lr·ratio·grad and everything else by lr·grad
+    model.train()
+    model(**inputs_for("bert"), labels=torch.tensor([0, 1])).loss.backward()
+    before = {id(p): (p.detach().clone(), p.grad.clone()) for p in trainable}
+    torch.optim.SGD(model.optimizer_param_groups(1e-3)).step()
+    for p in trainable:
+        old, grad = before[id(p)]
+        rate = 4e-3 if id(p) in lam else 1e-3
+        torch.testing.assert_close(p.detach(), old - rate * grad, rtol=0, atol=1e-7)
+    assert len(get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["query"])).optimizer_param_groups(1.0)) == 2

@@ -88,7 +88,8 @@ def test_pickled_code_is_never_executed(saved):
     ("field", "value", "message"),
     [("k", "8", r"LoRA2Config\.k"), ("r", -1, r"LoRA2Config\.r"), ("target_rank", 9, r"LoRA2Config\.target_rank"),
      ("importance", "magic", r"LoRA2Config\.importance"), ("orth_terms", ["xy"], r"LoRA2Config\.orth_terms"),
-     ("k", 0, r"LoRA2Config\.k")],
+     ("k", 0, r"LoRA2Config\.k"), ("scaling_rule", "alpha*100", r"LoRA2Config\.scaling_rule"),
+     ("pq_form", "rank2", r"LoRA2Config\.pq_form"), ("lam_lr_ratio", -1, r"LoRA2Config\.lam_lr_ratio")],
 )
 def test_hostile_adapter_configs_are_rejected_by_field(saved, field, value, message):
     path = saved / "lora2_config.json"
@@ -111,7 +112,7 @@ values = st.one_of(st.none(), st.booleans(), st.integers(-3, 20), st.floats(allo
                    st.text(max_size=5), st.lists(st.sampled_from(["uv", "UV", "PQ", "pq", ""]), max_size=4))
 FIELDS = ["k", "r", "alpha", "dropout", "init_std", "target_rank", "target_total_rank", "init_warmup",
           "final_warmup", "mask_interval", "beta1", "beta2", "total_step", "orth_reg_weight", "orth_terms",
-          "importance"]
+          "importance", "pq_form", "lam_lr_ratio", "scaling_rule"]
 
 
 @settings(max_examples=300, deadline=None)

@@ -54,6 +54,9 @@ def test_callback_runs_the_allocator_once_per_optimizer_step(tmp_path):
     assert alloc.masks().sum().item() == alloc.b_target == 12
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert all("lora2_orth_reg" in h and "lora2_active_sv" in h for h in logged)
+    for h in logged:  # each regulariser term next to R (means over matrices, γ not applied; they sum to R)
+        terms = [h["lora2_orth_uv"], h["lora2_orth_UV"], h["lora2_orth_PQ"]]
+        assert all(t > 0 for t in terms) and sum(terms) == pytest.approx(h["lora2_orth_reg"], abs=3e-6)
     assert logged[-1]["lora2_budget"] == 12
     for step in (12, 24):
         state = load_allocator_state(tmp_path / f"checkpoint-{step}")
@@ -191,3 +194,51 @@ def test_reporting_integrations_see_the_lora2_values(tmp_path):
     trainer.train()
     steps = [entry for entry in recorder.seen if "loss" in entry]
     assert steps and all({"lora2_active_sv", "lora2_orth_reg", "lora2_budget"} <= set(entry) for entry in steps)
+
+
+# -- lam_lr_ratio: LoRA+-style learning rate for lam ------------------------------------------------
+def ratio_model(ratio: float):
+    cfg = LoRA2Config(k=2, r=4, target_rank=1, init_warmup=4, final_warmup=8, mask_interval=2, lam_lr_ratio=ratio,
+                      target_modules=BERT_TARGETS, modules_to_save=["classifier"])
+    return get_lora2_model(tiny_bert(), cfg)
+
+
+def lam_and_other_lrs(optimizer, model) -> tuple[set[float], set[float]]:
+    lam = {id(layer.lam) for layer in model.lora2_layers.values()}
+    lrs: tuple[set[float], set[float]] = (set(), set())
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            lrs[0 if id(p) in lam else 1].add(group.get("initial_lr", group["lr"]))
+    return lrs
+
+
+def test_lora2_trainer_trains_lam_at_the_ratio(tmp_path):
+    model = ratio_model(8.0)
+    trainer = LoRA2Trainer(model=model, args=args(tmp_path, save_strategy="no", max_steps=16, weight_decay=0.01),
+                           train_dataset=ToyDataset())
+    trainer.train()
+    lam_lrs, other_lrs = lam_and_other_lrs(trainer.optimizer, model)
+    assert other_lrs == {5e-3} and sorted(lam_lrs) == pytest.approx([8 * 5e-3])
+    decay = {g["weight_decay"] for g in trainer.optimizer.param_groups
+             if any(p is model.base_model.classifier.bias for p in g["params"])}
+    assert decay == {0.0}  # the Trainer's no-decay rule for biases is kept
+    assert model.allocator.num_updates == 16
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]) == trainable
+
+
+def test_plain_trainer_must_be_given_the_groups_for_a_lam_ratio(tmp_path):
+    model = ratio_model(8.0)
+    plain = Trainer(model=model, args=args(tmp_path, save_strategy="no", max_steps=16), train_dataset=ToyDataset(),
+                    callbacks=[LoRA2Callback()])
+    with pytest.raises(ValueError, match=r"lam_lr_ratio=8\.0.*optimizer_param_groups"):
+        plain.train()
+    assert model.allocator.num_updates == 0
+    model = ratio_model(8.0)
+    optimizer = torch.optim.AdamW(model.optimizer_param_groups(5e-3))
+    given = Trainer(model=model, args=args(tmp_path, save_strategy="no", max_steps=16), train_dataset=ToyDataset(),
+                    callbacks=[LoRA2Callback()], optimizers=(optimizer, None))
+    given.train()
+    lam_lrs, other_lrs = lam_and_other_lrs(optimizer, model)
+    assert other_lrs == {5e-3} and sorted(lam_lrs) == pytest.approx([8 * 5e-3])
+    assert model.allocator.num_updates == 16

@@ -16,6 +16,8 @@ from typing import Any
 ORTH_TERMS = ("uv", "UV", "PQ")
 IMPORTANCE_KINDS = ("reduced", "full")
 FACTOR_INITS = ("gaussian", "orthogonal")
+PQ_FORMS = ("literal", "rank")
+SCALING_RULES = ("alpha/r", "alpha/k", "alpha/sqrt(r)")
 CONFIG_NAME = "lora2_config.json"
 
 # Suffixes of the "ALL" target set (SPEC §7) for architectures users fine-tune most.
@@ -47,17 +49,24 @@ class LoRA2Config:
     Paper symbols: ``k`` is K (projection dimension), ``r`` the initial number of singular
     values per matrix, ``init_warmup``/``final_warmup``/``mask_interval`` are t_init/t_final/Δt,
     ``orth_reg_weight`` is γ.
+
+    Training-dynamics options (defaults = the spec): ``pq_form`` picks the R_PQ term ('literal',
+    SPEC §3, or 'rank', whose minimum 0 is reachable when k < r); ``lam_lr_ratio`` trains lam at
+    lr × ratio (LoRA+-style, through ``LoRA2Model.optimizer_param_groups`` and ``LoRA2Trainer``);
+    ``scaling_rule`` picks the scale s of the update ('alpha/r', 'alpha/k' or 'alpha/sqrt(r)').
     """
 
     k: int = field(default=1, metadata={"help": "Projection dimension K of the outer factors (rank cap of Δ)."})
     r: int = field(default=8, metadata={"help": "Singular values per adapted matrix before pruning."})
-    alpha: float = field(default=32.0, metadata={"help": "Scaling numerator; the update is scaled by alpha / r."})
+    alpha: float = field(default=32.0, metadata={"help": "Scaling numerator α: the update is scaled by s = alpha / r "
+                                                 "(or as scaling_rule says)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
     init_std: float = field(default=0.02, metadata={"help": "Std of the Gaussian init of the four factors."})
     init: str = field(
         default="gaussian",
         metadata={"help": "Factor init: 'gaussian' (N(0, init_std²), the spec's default) or 'orthogonal' "
-                  "(semi-orthonormal factors, the regulariser's target; lam = 0 either way, so Δ = 0 at step 0)."},
+                  "(semi-orthonormal factors, the regulariser's target; lam = 0 either way, so Δ = 0 at step 0).",
+                  "choices": list(FACTOR_INITS)},
     )
     target_modules: list[str] | str | None = field(
         default=None,
@@ -91,7 +100,28 @@ class LoRA2Config:
         metadata={"help": "Regulariser terms to use: any subset of 'uv', 'UV', 'PQ'."},
     )
     importance: str = field(
-        default="reduced", metadata={"help": "'reduced' (paper Eq. 9, default) or 'full' (Eq. 8)."}
+        default="reduced", metadata={"help": "Importance of a singular value: 'reduced' (paper Eq. 9, default) or "
+                                     "'full' (Eq. 8, adds the outer factors' sensitivity).",
+                                     "choices": list(IMPORTANCE_KINDS)}
+    )
+    pq_form: str = field(
+        default="literal",
+        metadata={"help": "Form of the R_PQ regulariser term. 'literal' (the spec's, default): ‖PᵀP − I_r‖² + ‖QQᵀ − I_r‖², "
+                  "which cannot go below r − k per term when k < r. 'rank': only the min(k, r) singular values P and Q "
+                  "can have are asked to be 1, Σ(σ² − 1)², so 0 is reachable; it equals 'literal' minus max(r − k, 0) "
+                  "per term. Same k×k cost.", "choices": list(PQ_FORMS)},
+    )
+    lam_lr_ratio: float = field(
+        default=1.0,
+        metadata={"help": "Learning-rate multiplier for lam, the singular values (LoRA+-style, > 0): lam trains at "
+                  "lr × lam_lr_ratio, every other parameter at lr. Used by LoRA2Model.optimizer_param_groups() and "
+                  "LoRA2Trainer; 1.0 (default) = one learning rate."},
+    )
+    scaling_rule: str = field(
+        default="alpha/r",
+        metadata={"help": "Scale s of the update: 'alpha/r' (the spec's, default; r = initial singular values), "
+                  "'alpha/k' (k = the rank cap of Δ, as LoRA scales by its rank) or 'alpha/sqrt(r)' "
+                  "(rsLoRA-style).", "choices": list(SCALING_RULES)},
     )
 
     def __post_init__(self) -> None:
@@ -159,6 +189,11 @@ class LoRA2Config:
             raise ValueError(
                 f"LoRA2Config.importance must be one of {list(IMPORTANCE_KINDS)}, got {self.importance!r}."
             )
+        for name, choices in (("pq_form", PQ_FORMS), ("scaling_rule", SCALING_RULES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"LoRA2Config.{name} must be one of {list(choices)}, got {getattr(self, name)!r}.")
+        if not _is_number(self.lam_lr_ratio) or self.lam_lr_ratio <= 0:
+            raise ValueError(f"LoRA2Config.lam_lr_ratio must be a finite number > 0, got {self.lam_lr_ratio!r}.")
         self._check_names("target_modules", self.target_modules, allow_regex=True)
         self._check_names("modules_to_save", self.modules_to_save, allow_regex=False)
 
@@ -197,8 +232,9 @@ class LoRA2Config:
 
     @property
     def scaling(self) -> float:
-        """s = alpha / r (SPEC §2)."""
-        return self.alpha / self.r
+        """s of the update: alpha / r (SPEC §2, the default), alpha / k or alpha / √r, as ``scaling_rule`` says."""
+        denominator = {"alpha/r": self.r, "alpha/k": self.k, "alpha/sqrt(r)": math.sqrt(self.r)}[self.scaling_rule]
+        return self.alpha / denominator
 
     def budgets(self, num_matrices: int) -> tuple[int, int]:
         """(b0, bT): initial and target count of active singular values over all matrices."""

@@ -13,7 +13,7 @@ import copy
 import inspect
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from .config import LoRA2Config
 from .distributed import check_masks_agree, is_data_parallel
 from .forward_signature import ForwardWithBaseSignature
 from .layer import ADAPTER_PARAMETERS, LoRA2Layer
-from .regularizer import orth_regularization
+from .optim import param_groups
+from .regularizer import orth_regularization, orth_term_means
 from .targets import default_targets, find_modules_to_save, find_targets, set_submodule
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class LoRA2Model(nn.Module):
         if self.allocator.prunes and config.total_step is not None:
             config.check_schedule(config.total_step)
         self.last_orth_reg: torch.Tensor | None = None
+        self._last_orth_terms: dict[str, torch.Tensor] = {}  # detached: read (and synced) only when logged
         self._idle_forwards = 0
         self._unloaded = False
         self.mask_sync_checks = 0  # cross-rank mask comparisons done (data-parallel training)
@@ -103,7 +105,23 @@ class LoRA2Model(nn.Module):
     # -- forward and regulariser --------------------------------------------------------------
     def orth_regularization(self) -> torch.Tensor:
         """R of SPEC §3 (mean over adapted matrices of the enabled terms), not yet multiplied by γ."""
-        return orth_regularization(self.lora2_layers.values(), self.lora2_config.orth_terms)
+        cfg = self.lora2_config
+        return orth_regularization(self.lora2_layers.values(), cfg.orth_terms, cfg.pq_form)
+
+    @property
+    def last_orth_terms(self) -> dict[str, float]:
+        """Each enabled term of R ('uv', 'UV', 'PQ') as its mean over matrices, γ not applied, from the last
+        training forward that added γ·R (their sum is ``last_orth_reg``); empty before that."""
+        return {name: float(value) for name, value in self._last_orth_terms.items()}
+
+    def _regularizer(self) -> torch.Tensor:
+        """R for the loss; its terms are kept for logging, from this same computation (no extra forward)."""
+        cfg = self.lora2_config
+        means = orth_term_means(self.lora2_layers.values(), cfg.orth_terms, cfg.pq_form)
+        reg: torch.Tensor = sum(means.values())  # type: ignore[assignment]  # orth_terms is not empty here
+        self.last_orth_reg = reg.detach()
+        self._last_orth_terms = {name: value.detach() for name, value in means.items()}
+        return reg
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model; in training mode add γ·R to its loss whenever it computes one (SPEC §3).
@@ -118,13 +136,9 @@ class LoRA2Model(nn.Module):
         if gamma == 0 or not self.lora2_config.orth_terms or not self.training or self._adapters_disabled():
             return outputs
         if isinstance(outputs, Mapping) and outputs.get("loss") is not None:
-            reg = self.orth_regularization()
-            self.last_orth_reg = reg.detach()
-            outputs["loss"] = outputs["loss"] + gamma * reg.to(outputs["loss"].dtype)
+            outputs["loss"] = outputs["loss"] + gamma * self._regularizer().to(outputs["loss"].dtype)
         elif isinstance(outputs, tuple) and "labels" in kwargs and kwargs["labels"] is not None:
-            reg = self.orth_regularization()
-            self.last_orth_reg = reg.detach()
-            outputs = (outputs[0] + gamma * reg.to(outputs[0].dtype), *outputs[1:])
+            outputs = (outputs[0] + gamma * self._regularizer().to(outputs[0].dtype), *outputs[1:])
         return outputs
 
     def _note_training_forward(self) -> None:
@@ -188,6 +202,13 @@ class LoRA2Model(nn.Module):
     def num_adapter_parameters(self) -> int:
         """LoRA² parameters only (SPEC §1): Σ d_in·k + k·r + r + r·k + k·d_out, head excluded."""
         return sum(getattr(la, p).numel() for la in self.lora2_layers.values() for p in ADAPTER_PARAMETERS)
+
+    def optimizer_param_groups(self, lr: float, weight_decay: float = 0.0, *,
+                               no_decay: Collection[str] = ()) -> list[dict[str, Any]]:
+        """Torch optimizer groups: every trainable parameter once, lam at lr × ``lam_lr_ratio``, the rest at lr;
+        ``no_decay`` names (from ``named_parameters()``) get weight_decay 0. E.g.
+        ``torch.optim.AdamW(model.optimizer_param_groups(1e-3))``."""
+        return param_groups(self, lr, weight_decay, no_decay)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

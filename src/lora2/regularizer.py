@@ -4,6 +4,11 @@ Every Gram is formed over the factor's smaller dimension, so nothing larger than
 is built; PᵀP and QQᵀ reuse the k×k Grams of ``p_outer`` and ``q_outer``. Adapted matrices of
 the same shape are stacked and their terms computed with batched matrix products: a handful of
 ops per distinct shape (three in a BERT or Llama block) instead of some thirty per matrix.
+
+R_PQ comes in two forms (``LoRA2Config.pq_form``). 'literal' is the spec's ‖PᵀP − I_r‖²_F, whose
+floor is r − k when k < r. 'rank' asks only the m non-zero singular values P can have to be 1:
+Σ_{i≤m} (σ_i² − 1)² = tr(A²) − 2·tr(A) + m with the k×k A = (p_inner p_innerᵀ)(p_outerᵀ p_outer),
+whose eigenvalues are the σ_i² (and likewise for Q), so its minimum 0 is reachable.
 """
 
 from __future__ import annotations
@@ -26,11 +31,17 @@ def _dist_to_identity(g: torch.Tensor) -> torch.Tensor:
     return (g - eye).pow(2).sum()
 
 
+def _unit_spectrum_distance(inner: torch.Tensor, outer: torch.Tensor, m: int) -> torch.Tensor:
+    """Σ_{i≤m} (σ_i² − 1)² = tr(A²) − 2·tr(A) + m for A = inner · outer (k×k, eigenvalues σ_i²), summed over the batch."""
+    a = inner @ outer
+    return ((a * a.mT).sum(dim=(-2, -1)) - 2 * a.diagonal(dim1=-2, dim2=-1).sum(-1) + m).sum()
+
+
 def _terms(p_outer: torch.Tensor, p_inner: torch.Tensor, q_inner: torch.Tensor, q_outer: torch.Tensor,
-           terms: Sequence[str]) -> dict[str, torch.Tensor]:
+           terms: Sequence[str], pq_form: str = "literal") -> dict[str, torch.Tensor]:
     """The enabled terms, summed over a stack of same-shaped matrices ((n, d_in, k), (n, k, r), ...)."""
     out: dict[str, torch.Tensor] = {}
-    k = p_inner.shape[-2]
+    k, r = p_inner.shape[-2:]
     g_p = p_outer.mT @ p_outer  # (n, k, k), shared by R_uv and R_PQ
     g_q = q_outer @ q_outer.mT  # (n, k, k), shared by R_UV and R_PQ
     if "uv" in terms:
@@ -39,30 +50,41 @@ def _terms(p_outer: torch.Tensor, p_inner: torch.Tensor, q_inner: torch.Tensor, 
     if "UV" in terms:
         g_uv = g_q if q_outer.shape[-1] >= k else gram(q_outer)
         out["UV"] = _dist_to_identity(gram(q_inner)) + _dist_to_identity(g_uv)
-    if "PQ" in terms:
+    if "PQ" in terms and pq_form == "rank":
+        # m = how many non-zero singular values P (d_in×r, rank ≤ min(d_in, k, r)) and Q can have
+        out["PQ"] = (_unit_spectrum_distance(p_inner @ p_inner.mT, g_p, min(k, r, p_outer.shape[-2]))
+                     + _unit_spectrum_distance(q_inner.mT @ q_inner, g_q, min(k, r, q_outer.shape[-1])))
+    elif "PQ" in terms:
         ptp = p_inner.mT @ g_p @ p_inner  # (n, r, r) = PᵀP
         qqt = q_inner @ g_q @ q_inner.mT  # (n, r, r) = QQᵀ
         out["PQ"] = _dist_to_identity(ptp) + _dist_to_identity(qqt)
     return out
 
 
-def layer_terms(layer: LoRA2Layer, terms: Sequence[str]) -> dict[str, torch.Tensor]:
+def layer_terms(layer: LoRA2Layer, terms: Sequence[str], pq_form: str = "literal") -> dict[str, torch.Tensor]:
     """The enabled terms R_uv, R_UV, R_PQ of one adapted matrix."""
-    return _terms(*(getattr(layer, name) for name in FACTORS), terms)
+    return _terms(*(getattr(layer, name) for name in FACTORS), terms, pq_form)
 
 
-def orth_regularization(layers: Iterable[LoRA2Layer], terms: Sequence[str]) -> torch.Tensor:
-    """R = mean over adapted matrices of the sum of the enabled terms (not yet scaled by γ)."""
+def orth_term_means(layers: Iterable[LoRA2Layer], terms: Sequence[str],
+                    pq_form: str = "literal") -> dict[str, torch.Tensor]:
+    """Each enabled term's mean over the adapted matrices (R is their sum), in the order of ``terms``."""
     layers = list(layers)
     if not layers:
         raise ValueError("orth_regularization needs at least one LoRA² layer.")
-    if not terms:
-        return layers[0].lam.new_zeros(())
     groups: dict[tuple, list[LoRA2Layer]] = {}
     for layer in layers:
         groups.setdefault((layer.d_in, layer.d_out, layer.k, layer.r, layer.lam.dtype, layer.lam.device), []).append(layer)
-    total = 0
+    sums: dict[str, torch.Tensor] = {}
     for group in groups.values():
         stacked = [torch.stack([getattr(la, name) for la in group]) for name in FACTORS]
-        total = total + sum(_terms(*stacked, terms).values())
-    return total / len(layers)
+        for name, value in _terms(*stacked, terms, pq_form).items():
+            sums[name] = sums[name] + value if name in sums else value
+    return {name: sums[name] / len(layers) for name in terms if name in sums}
+
+
+def orth_regularization(layers: Iterable[LoRA2Layer], terms: Sequence[str], pq_form: str = "literal") -> torch.Tensor:
+    """R = mean over adapted matrices of the sum of the enabled terms (not yet scaled by γ)."""
+    layers = list(layers)
+    means = orth_term_means(layers, terms, pq_form)
+    return sum(means.values(), layers[0].lam.new_zeros(()))

@@ -1,7 +1,8 @@
 """🤗 Trainer integration: the allocator once per optimizer step, its state in every checkpoint.
 
 ``LoRA2Callback`` does the work; ``LoRA2Trainer`` is a Trainer that installs it first in the
-callback list and reads the dataset columns from the wrapped model's forward signature.
+callback list, reads the dataset columns from the wrapped model's forward signature, and builds
+its optimizer from ``LoRA2Model.optimizer_param_groups`` (so ``lam_lr_ratio`` applies).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import find_labels
 
 from .model import LoRA2Model
+from .optim import check_lam_lr
 from .persistence import ALLOCATOR_STATE_NAME, WEIGHTS_NAME, load_allocator_state, read_tensors, save_allocator_state
 
 logger = logging.getLogger(__name__)
@@ -35,12 +38,15 @@ def find_lora2_model(model: Any) -> LoRA2Model:
 
 
 def log_values(lora2_model: LoRA2Model) -> dict[str, float]:
-    """Active singular values (mask sums, no rank computation), the current budget b(t) and the last regulariser value."""
+    """Active singular values (mask sums, no rank computation), the current budget b(t), and the last
+    regulariser value with each of its terms."""
     extra: dict[str, float] = {"lora2_active_sv": sum(lora2_model.active_pattern().values())}
     if lora2_model.allocator.prunes and lora2_model.lora2_config.total_step and lora2_model.allocator.step > 0:
         extra["lora2_budget"] = lora2_model.allocator.budget(lora2_model.allocator.step)
     if lora2_model.last_orth_reg is not None:
         extra["lora2_orth_reg"] = round(float(lora2_model.last_orth_reg), 6)
+        for term, value in lora2_model.last_orth_terms.items():  # lora2_orth_uv, _UV, _PQ: mean per matrix, no γ
+            extra[f"lora2_orth_{term}"] = round(value, 6)
     return extra
 
 
@@ -65,6 +71,7 @@ class LoRA2Callback(TrainerCallback):
             )
         if lora2_model.allocator.prunes:
             cfg.check_schedule(total)
+        check_lam_lr(kwargs.get("optimizer"), lora2_model)
         cfg.total_step = total
         if not self.adapter_only_checkpoints:
             self._check_checkpointing(args, lora2_model)
@@ -129,8 +136,9 @@ class LoRA2Callback(TrainerCallback):
 
 class LoRA2Trainer(Trainer):
     """A ``Trainer`` for LoRA2Model: installs ``LoRA2Callback``, logs the LoRA² values before any
-    reporting integration sees the logs, and writes adapter-only checkpoints (adapter + allocator
-    state, no base weights, fine with tied embeddings) that ``resume_from_checkpoint`` reads back."""
+    reporting integration sees the logs, builds its optimizer from ``optimizer_param_groups`` (lam at
+    lr × lam_lr_ratio), and writes adapter-only checkpoints (adapter + allocator state, no base
+    weights, fine with tied embeddings) that ``resume_from_checkpoint`` reads back."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -142,6 +150,25 @@ class LoRA2Trainer(Trainer):
             self.callback_handler.callbacks.insert(0, callbacks[0])
         for cb in callbacks:
             cb.adapter_only_checkpoints = True
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer class and settings over ``optimizer_param_groups`` (lam at lr × lam_lr_ratio),
+        keeping the Trainer's rule that biases and norm weights get no weight decay."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        optimizer_cls, kwargs = (getattr(self, "optimizer_cls_and_kwargs", None)
+                                 or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) \
+                or {"params", "model", "optimizer_dict"} & set(kwargs):
+            return super().create_optimizer(model)  # factories, GaLore, LOMO...: LoRA2Callback checks the ratio
+        lora2_model = find_lora2_model(opt_model)
+        decay_names = set(self.get_decay_parameter_names(opt_model))
+        decay = {id(p) for n, p in opt_model.named_parameters() if n in decay_names}
+        no_decay = [n for n, p in lora2_model.named_parameters() if id(p) not in decay]
+        groups = lora2_model.optimizer_param_groups(self.args.learning_rate, self.args.weight_decay, no_decay=no_decay)
+        self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         logs.update(log_values(find_lora2_model(self.model)))
