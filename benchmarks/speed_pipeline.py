@@ -12,6 +12,7 @@ tokenisation) is timed apart. Each repeat runs both sides, alternating which goe
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import statistics
@@ -22,14 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import get_linear_schedule_with_warmup, set_seed
 
 from lora2.glue.args import GlueArgs
-from lora2.glue.data import load_split
-from lora2.glue.loop import LoopSettings, LoopState, train
-from lora2.glue.methods import Method, build_method
-from lora2.glue.run import Encoded, _collate, load_model_and_tokenizer
-from lora2.glue.tasks import get_task
+from lora2.glue.loop import LoopState, train
+from lora2.glue.run import PreparedRun, prepare_run
 
 DEFAULTS = {"task": "mrpc", "batch": 16, "max_length": 128, "steps": 20, "methods": "lora2,lora", "logging_steps": 10}
 TARGET = 0.90  # issue #10: the pipeline reaches at least this share of the bare loop's steps/s
@@ -44,38 +41,19 @@ def glue_args(method: str, out_dir: Path, data_dir: str | None, model: str | Non
         "logging_steps": logging_steps, "no_progress": True, "seed": 0, "max_train_samples": max_train_samples})
 
 
-def prepare(args: GlueArgs) -> tuple[Method, torch.utils.data.DataLoader, torch.Generator]:
-    """What ``run_glue`` builds before training, in its order (so the same seed gives the same run)."""
-    task = get_task(args.task)
-    set_seed(args.seed)
-    examples = load_split(task, "train", args.data_dir)[: args.max_train_samples]
-    base, tokenizer, _ = load_model_and_tokenizer(args.model, task)
-    train_set = Encoded(examples, tokenizer, args.max_length, task.is_regression)
-    gen = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen,
-                                         collate_fn=_collate(tokenizer))
-    method = build_method(args, base, args.max_steps)
-    return method, loader, gen
-
-
-def run_pipeline(args: GlueArgs, method: Method, loader: Any, gen: torch.Generator) -> None:
-    """``lora2 glue``'s loop, with ``run_glue``'s optimizer and schedule; evaluation stubbed."""
-    lr, total = args.learning_rate_or_default(), args.max_steps
-    optimizer = torch.optim.AdamW(method.param_groups(lr, args.weight_decay), lr=lr, weight_decay=args.weight_decay)
-    warmup = args.warmup_steps if args.warmup_steps is not None else round(0.06 * total)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
-    settings = LoopSettings(total_steps=total, eval_every=args.eval_steps, logging_steps=args.logging_steps,
-                            max_grad_norm=args.max_grad_norm, progress=False)
+def run_pipeline(args: GlueArgs, p: PreparedRun) -> None:
+    """``lora2 glue``'s loop with ``run_glue``'s optimizer and schedule (``prepare_run``); evaluation stubbed."""
+    settings = dataclasses.replace(p.settings, progress=False)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "train_log.jsonl").write_text("", encoding="utf-8")  # as run_glue starts a run
-    state = train(method, loader, gen, optimizer, scheduler, lambda: {"accuracy": 0.0}, lambda m: 0.0, settings,
-                  Path(args.output_dir), LoopState(), "cpu")
-    assert state is not None and state.step == total
+    state = train(p.method, p.train_loader, p.generator, p.optimizer, p.scheduler, lambda: {"accuracy": 0.0},
+                  lambda m: 0.0, settings, Path(args.output_dir), LoopState(), "cpu")
+    assert state is not None and state.step == settings.total_steps
 
 
-def run_bare(args: GlueArgs, method: Method, loader: Any, gen: torch.Generator) -> None:
+def run_bare(args: GlueArgs, p: PreparedRun) -> None:
     """The model's own work: forward, backward, clip, AdamW, the allocator (LoRA²), zero_grad."""
-    model = method.model
+    model, loader = p.method.model, p.train_loader
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.learning_rate_or_default())
@@ -101,13 +79,13 @@ SIDES = {"pipeline": run_pipeline, "bare": run_bare}
 def timed_side(side: str, args: GlueArgs) -> dict[str, float]:
     """Set-up, then one side's loop; CPU and wall seconds of each."""
     w0, c0 = time.perf_counter(), time.process_time()
-    method, loader, gen = prepare(args)
+    prepared = prepare_run(args)
     w1, c1 = time.perf_counter(), time.process_time()
-    SIDES[side](args, method, loader, gen)
+    SIDES[side](args, prepared)
     w2, c2 = time.perf_counter(), time.process_time()
     out = {"cpu_s": c2 - c1, "wall_s": w2 - w1, "setup_cpu_s": c1 - c0, "setup_wall_s": w1 - w0,
-           "trainable": sum(p.numel() for p in method.trainable())}
-    del method, loader
+           "trainable": sum(p.numel() for p in prepared.method.trainable())}
+    del prepared
     gc.collect()
     return out
 

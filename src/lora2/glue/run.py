@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from ..persistence import write_json
 from .args import GlueArgs
 from .data import Example, load_split
 from .loop import LoopSettings, LoopState, resume, train
-from .methods import build_method
+from .methods import Method, build_method
 from .metrics import compute_metrics, flatten_split_metrics, main_score
 from .tasks import GlueTask, get_task
 
@@ -103,22 +104,34 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] | None:
-    """Train and evaluate once; writes results.json, train_log.jsonl, adapter/ and the plots.
+@dataclass
+class PreparedRun:
+    """Everything ``run_glue`` builds before its first step (the speed benchmark times from here)."""
 
-    ``stop_at_step`` (tests only) ends the run right after that step, as a kill would.
-    """
+    task: GlueTask
+    method: Method
+    train_loader: torch.utils.data.DataLoader
+    eval_loaders: dict[str, torch.utils.data.DataLoader]
+    generator: torch.Generator
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    settings: LoopSettings
+    lr: float
+    warmup: int
+    model_path: str
+    train_size: int
+    device: str
+
+
+def prepare_run(args: GlueArgs) -> PreparedRun:
+    """Seed, data, model, method, optimizer and schedule, in a fixed order (same seed, same run)."""
     from transformers import get_linear_schedule_with_warmup, set_seed
 
     task = get_task(args.task)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out_dir = Path(args.output_dir or f"runs/{task.name}-{args.method}-s{args.seed}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"--output-dir {out_dir} is a file.")
     set_seed(args.seed)
-
     train_examples = load_split(task, "train", args.data_dir)[: args.max_train_samples]
     dev_examples = {s: load_split(task, s, args.data_dir)[: args.max_eval_samples] for s in task.dev_splits}
     base, tokenizer, model_path = load_model_and_tokenizer(args.model, task)
@@ -143,23 +156,38 @@ def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] 
                             logging_steps=args.logging_steps, max_grad_norm=args.max_grad_norm,
                             save_steps=args.save_steps, save_total_limit=args.save_total_limit,
                             progress=not args.no_progress, description=f"{task.name} {args.method}")
+    return PreparedRun(task, method, train_loader, eval_loaders, gen, optimizer, scheduler, settings, lr, warmup,
+                       model_path, len(train_set), device)
 
+
+def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] | None:
+    """Train and evaluate once; writes results.json, train_log.jsonl, adapter/ and the plots.
+
+    ``stop_at_step`` (tests only) ends the run right after that step, as a kill would.
+    """
+    out_dir = Path(args.output_dir or f"runs/{get_task(args.task).name}-{args.method}-s{args.seed}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {out_dir} is a file.")
+    p = prepare_run(args)
+    total_steps = p.settings.total_steps
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "train_log.jsonl"
     if args.resume_from_checkpoint:
-        state = resume(args.resume_from_checkpoint, out_dir, method, optimizer, scheduler, total_steps, gen, log_path)
+        state = resume(args.resume_from_checkpoint, out_dir, p.method, p.optimizer, p.scheduler, total_steps,
+                       p.generator, log_path)
     else:
         log_path.write_text("", encoding="utf-8")
         state = LoopState()
 
     def run_eval() -> dict[str, float]:
-        return evaluate(method.model, eval_loaders, task, device, settings.progress)
+        return evaluate(p.method.model, p.eval_loaders, p.task, p.device, p.settings.progress)
 
-    state = train(method, train_loader, gen, optimizer, scheduler, run_eval, lambda m: main_score(task, m), settings,
-                  out_dir, state, device, stop_at_step)
+    state = train(p.method, p.train_loader, p.generator, p.optimizer, p.scheduler, run_eval,
+                  lambda m: main_score(p.task, m), p.settings, out_dir, state, p.device, stop_at_step)
     if state is None:
         return None
-    return finish(args, task, method, state, out_dir, model_path, device, lr, warmup, total_steps, len(train_set))
+    return finish(args, p.task, p.method, state, out_dir, p.model_path, p.device, p.lr, p.warmup, total_steps,
+                  p.train_size)
 
 
 def finish(args: GlueArgs, task: GlueTask, method: Any, state: LoopState, out_dir: Path, model_path: str, device: str,
