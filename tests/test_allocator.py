@@ -1,4 +1,4 @@
-"""SPEC §4–5: importance scores, the cubic budget, exact-count pruning, frozen final mask, resume."""
+"""method.md §4–5: importance scores, the cubic budget, exact-count pruning, frozen final mask, resume."""
 
 from __future__ import annotations
 

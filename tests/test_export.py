@@ -1,4 +1,4 @@
-"""Export to PEFT LoRA (SPEC §6) and import from it: PEFT loads the export and gives the LoRA² logits.
+"""Export to PEFT LoRA (method.md §6) and import from it: PEFT loads the export and gives the LoRA² logits.
 
 Masks carry pruned singular values and some matrices are fully pruned, so `exact_rank` has
 something to do: ranks below k, and matrices dropped altogether.

@@ -293,3 +293,48 @@ def test_pipeline_defaults_for_lora2_and_the_shared_adalora_schedule(tiny_model_
         GlueArgs(task="rte", lora2={"k": 0})
     with pytest.raises(ValueError, match="set by the pipeline"):
         GlueArgs(task="rte", lora2={"total_step": 10})
+
+
+def _lora2_step_grad_norm(orth_clip: str, clip: float) -> tuple[float, float]:
+    """(loss returned, gradient norm right after the optimizer step) of one pipeline step on a tiny BERT."""
+    from lora2.glue.args import GlueArgs
+    from lora2.glue.loop import train_step
+    from lora2.glue.methods import build_method
+
+    from .conftest import BERT_TARGETS, tiny_bert
+
+    args = GlueArgs(task="rte", target_modules=",".join(BERT_TARGETS), orth_clip=orth_clip,
+                    lora2={"init_warmup": 2, "final_warmup": 2, "orth_reg_weight": 0.5})
+    method = build_method(args, tiny_bert(), total_steps=10)
+    method.model.train()
+    optimizer = torch.optim.SGD(method.trainable(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    batch = {"input_ids": torch.randint(0, 120, (4, 12), generator=torch.Generator().manual_seed(0)),
+             "labels": torch.tensor([0, 1, 0, 1])}
+    norms = []
+
+    def phase(name: str) -> None:
+        if name == "optimizer":
+            norms.append(float(torch.cat([p.grad.flatten() for p in method.trainable() if p.grad is not None]).norm()))
+
+    loss = train_step(method, batch, optimizer, scheduler, 1, clip, phase=phase)
+    return float(loss), norms[0]
+
+
+def test_orth_clip_separate_clips_the_task_gradient_alone():
+    shared_loss, shared_norm = _lora2_step_grad_norm("shared", 1e-6)
+    separate_loss, separate_norm = _lora2_step_grad_norm("separate", 1e-6)
+    assert shared_norm == pytest.approx(1e-6, rel=1e-3)  # task + γ·R gradient clipped as one
+    assert separate_norm > 1e-2  # γ·R's gradient (Gaussian factors are far from orthonormal) is added unclipped
+    # the model's loss holds γ·R only in shared mode: γ · R(≈ 2·(1 + 1) + 2·8 at the Gaussian init) apart
+    assert shared_loss - separate_loss == pytest.approx(0.5 * 20.0, rel=0.05)
+
+
+def test_training_log_separates_task_loss_and_regulariser_terms(tmp_path, tiny_model_dir, glue_dir):
+    _, out = run_cli(tmp_path, tiny_model_dir, glue_dir, "rte", "lora2", "--logging-steps", "2")
+    entries = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    logged = [e for e in entries if "loss" in e]
+    assert logged and all({"task_loss", "orth_reg", "orth_uv", "orth_UV", "orth_PQ"} <= set(e) for e in logged)
+    for e in logged:  # R is the sum of its terms; the logged loss is task loss + γ·R (γ = 0.1 by default)
+        assert e["orth_reg"] == pytest.approx(e["orth_uv"] + e["orth_UV"] + e["orth_PQ"], rel=1e-5)
+        assert e["loss"] - e["task_loss"] == pytest.approx(0.1 * e["orth_reg"], rel=0.05)

@@ -1,4 +1,4 @@
-"""SPEC §7: trainable parameter counts that must come out exactly (classifier head excluded)."""
+"""method.md §7: trainable parameter counts that must come out exactly (classifier head excluded)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §3: each regulariser term against its definition, switchable, and added to the loss."""
+"""method.md §3: each regulariser term against its definition, switchable, and added to the loss."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rank allocator: importance of singular values (SPEC §4) and the global cubic budget (SPEC §5).
+"""Rank allocator: importance of singular values (method.md §4) and the global cubic budget (method.md §5).
 
 The reduced score needs EMAs of ``lam``, ``p_inner`` and ``q_inner`` only; they are kept stacked
 over the M adapted matrices ((M, r), (M, k, r), (M, r, k)) so one update is a handful of
@@ -65,7 +65,7 @@ class RankAllocator:
         return "pruning"
 
     def budget(self, step: int) -> int:
-        """b(t) of SPEC §5, in exact integer arithmetic so the floor never drifts by one."""
+        """b(t) of method.md §5, in exact integer arithmetic so the floor never drifts by one."""
         cfg = self.config
         phase = self.phase(step)
         if phase == "warmup":
@@ -147,7 +147,7 @@ class RankAllocator:
 
     @torch.no_grad()
     def update_scores(self, step: int) -> None:
-        """One EMA step of Ī and Ū for every tracked entry (SPEC §4)."""
+        """One EMA step of Ī and Ū for every tracked entry (method.md §4)."""
         b1, b2 = self.config.beta1, self.config.beta2
         for name in INNER:
             s = self._sensitivity([getattr(layer, name) for layer in self.layers])

@@ -1,4 +1,4 @@
-"""`LoRA2Config`: every knob of the method (SPEC §1–5), validated when it is built.
+"""`LoRA2Config`: every knob of the method (method.md §1–5), validated when it is built.
 
 Errors are raised here, at setup, rather than hours into a run: each names the field and
 what a valid value looks like.
@@ -20,7 +20,7 @@ PQ_FORMS = ("literal", "rank")
 SCALING_RULES = ("alpha/r", "alpha/k", "alpha/sqrt(r)")
 CONFIG_NAME = "lora2_config.json"
 
-# Suffixes of the "ALL" target set (SPEC §7) for architectures users fine-tune most.
+# Suffixes of the "ALL" target set (method.md §7) for architectures users fine-tune most.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
@@ -50,8 +50,8 @@ class LoRA2Config:
     values per matrix, ``init_warmup``/``final_warmup``/``mask_interval`` are t_init/t_final/Δt,
     ``orth_reg_weight`` is γ.
 
-    Training-dynamics options (defaults = the spec): ``pq_form`` picks the R_PQ term ('literal',
-    SPEC §3, or 'rank', whose minimum 0 is reachable when k < r); ``lam_lr_ratio`` trains lam at
+    Training-dynamics options (defaults = the paper's settings): ``pq_form`` picks the R_PQ term ('literal',
+    method.md §3, or 'rank', whose minimum 0 is reachable when k < r); ``lam_lr_ratio`` trains lam at
     lr × ratio (LoRA+-style, through ``LoRA2Model.optimizer_param_groups`` and ``LoRA2Trainer``);
     ``scaling_rule`` picks the scale s of the update ('alpha/r', 'alpha/k' or 'alpha/sqrt(r)').
     """
@@ -64,7 +64,7 @@ class LoRA2Config:
     init_std: float = field(default=0.02, metadata={"help": "Std of the Gaussian init of the four factors."})
     init: str = field(
         default="gaussian",
-        metadata={"help": "Factor init: 'gaussian' (N(0, init_std²), the spec's default) or 'orthogonal' "
+        metadata={"help": "Factor init: 'gaussian' (N(0, init_std²), the paper's default) or 'orthogonal' "
                   "(semi-orthonormal factors, the regulariser's target; lam = 0 either way, so Δ = 0 at step 0).",
                   "choices": list(FACTOR_INITS)},
     )
@@ -106,7 +106,7 @@ class LoRA2Config:
     )
     pq_form: str = field(
         default="literal",
-        metadata={"help": "Form of the R_PQ regulariser term. 'literal' (the spec's, default): ‖PᵀP − I_r‖² + ‖QQᵀ − I_r‖², "
+        metadata={"help": "Form of the R_PQ regulariser term. 'literal' (the paper's, default): ‖PᵀP − I_r‖² + ‖QQᵀ − I_r‖², "
                   "which cannot go below r − k per term when k < r. 'rank': only the min(k, r) singular values P and Q "
                   "can have are asked to be 1, Σ(σ² − 1)², so 0 is reachable; it equals 'literal' minus max(r − k, 0) "
                   "per term. Same k×k cost.", "choices": list(PQ_FORMS)},
@@ -119,7 +119,7 @@ class LoRA2Config:
     )
     scaling_rule: str = field(
         default="alpha/r",
-        metadata={"help": "Scale s of the update: 'alpha/r' (the spec's, default; r = initial singular values), "
+        metadata={"help": "Scale s of the update: 'alpha/r' (the paper's, default; r = initial singular values), "
                   "'alpha/k' (k = the rank cap of Δ, as LoRA scales by its rank) or 'alpha/sqrt(r)' "
                   "(rsLoRA-style).", "choices": list(SCALING_RULES)},
     )
@@ -216,7 +216,7 @@ class LoRA2Config:
             raise ValueError(f"LoRA2Config.{name} must be {kind}, got {value!r}.")
 
     def check_schedule(self, total_step: int) -> None:
-        """SPEC §5: the pruning phase must exist, i.e. T > t_init + t_final."""
+        """method.md §5: the pruning phase must exist, i.e. T > t_init + t_final."""
         if total_step <= self.init_warmup + self.final_warmup:
             raise ValueError(
                 f"LoRA2Config.total_step={total_step} leaves no pruning phase: it must exceed "
@@ -232,7 +232,7 @@ class LoRA2Config:
 
     @property
     def scaling(self) -> float:
-        """s of the update: alpha / r (SPEC §2, the default), alpha / k or alpha / √r, as ``scaling_rule`` says."""
+        """s of the update: alpha / r (method.md §2, the default), alpha / k or alpha / √r, as ``scaling_rule`` says."""
         denominator = {"alpha/r": self.r, "alpha/k": self.k, "alpha/sqrt(r)": math.sqrt(self.r)}[self.scaling_rule]
         return self.alpha / denominator
 

@@ -1,4 +1,4 @@
-"""LoRA² → PEFT LoRA: serve a LoRA² adapter with any LoRA runtime (SPEC §6).
+"""LoRA² → PEFT LoRA: serve a LoRA² adapter with any LoRA runtime (method.md §6).
 
 A PEFT LoRA adds ``B A`` to the PyTorch-layout weight (``A``: rank×d_in, ``B``: d_out×rank, the
 same for GPT-2's Conv1D, whose PEFT layer sets ``fan_in_fan_out``). Each matrix's (A, B) comes

@@ -1,4 +1,4 @@
-"""One source of the Δ math (SPEC §2, §6): the k×k core, the dense update, its rank, its LoRA form.
+"""One source of the Δ math (method.md §2, §6): the k×k core, the dense update, its rank, its LoRA form.
 
 ``core`` and ``dense_update`` are the formulas. The layer calls them on its live parameters (its
 differentiable forward and ``get_delta_weight``); ``LoRA2Factors`` — a frozen snapshot of one
@@ -112,7 +112,7 @@ class LoRA2Factors:
         return numerical_rank(self._small_svd(left, right)[2], self.p_outer.dtype)
 
     def as_lora(self, exact_rank: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of a plain LoRA with scaling 1 and ``B @ A`` = s·Δᵀ (SPEC §6), in the dtype of ``p_outer``.
+        """(A, B) of a plain LoRA with scaling 1 and ``B @ A`` = s·Δᵀ (method.md §6), in the dtype of ``p_outer``.
 
         ``exact_rank=False``: rank k, ``A = p_outerᵀ``, ``B = (core · q_outer)ᵀ``. ``exact_rank=True``:
         rank = ``effective_rank()`` (may be 0), singular values split evenly as √σ between A and B.

@@ -28,7 +28,7 @@ class ForwardWithBaseSignature:
 
 
 def class_level_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
-    """Run the wrapped model; add γ·R to its loss whenever it computes one (SPEC §3)."""
+    """Run the wrapped model; add γ·R to its loss whenever it computes one (method.md §3)."""
     if labels is not None:
         kwargs["labels"] = labels
     return self._forward(*args, **kwargs)

@@ -1,4 +1,4 @@
-"""The LoRA² adapter layer: Δ = P Λ Q with P = v u and Q = 𝒰 𝒱 (SPEC §1–2, §6).
+"""The LoRA² adapter layer: Δ = P Λ Q with P = v u and Q = 𝒰 𝒱 (method.md §1–2, §6).
 
 Paper symbol → code name: v → ``p_outer`` (d_in×k), u → ``p_inner`` (k×r), Λ → ``lam`` (r),
 𝒰 → ``q_inner`` (r×k), 𝒱 → ``q_outer`` (k×d_out). ``mask`` (r, buffer) marks the singular values
@@ -45,7 +45,7 @@ class LoRA2Layer(nn.Module):
     def reset_factors(self, init: str = "gaussian", init_std: float = 0.02) -> None:
         """Initialise the four factors; ``lam`` is left at zero so the update starts at Δ = 0.
 
-        ``gaussian`` is the spec's N(0, init_std²). ``orthogonal`` starts each factor where the
+        ``gaussian`` is the paper's N(0, init_std²). ``orthogonal`` starts each factor where the
         regulariser wants it (Gram over the smaller side = I): with the Gaussian init the inner
         factors start at norm ≈ init_std·√r, so the five-factor product needs hundreds of steps
         before the update moves the model, too long for short budgets.
@@ -62,7 +62,7 @@ class LoRA2Layer(nn.Module):
 
     def __init__(self, base_layer: nn.Module, k: int, r: int, alpha: float, dropout: float = 0.0,
                  init_std: float = 0.02, init: str = "gaussian", scaling: float | None = None) -> None:
-        """``scaling`` is s; None gives the spec's alpha / r (``LoRA2Model`` passes ``LoRA2Config.scaling``)."""
+        """``scaling`` is s; None gives the paper's alpha / r (``LoRA2Model`` passes ``LoRA2Config.scaling``)."""
         super().__init__()
         d_in, d_out, self.fan_in_fan_out = base_shape(base_layer)
         self.base_layer = base_layer

@@ -62,6 +62,8 @@ class LoRA2Model(nn.Module):
         if self.allocator.prunes and config.total_step is not None:
             config.check_schedule(config.total_step)
         self.last_orth_reg: torch.Tensor | None = None
+        # False: forward returns the task loss alone and the loop adds regularization_loss() itself
+        self.regularizer_in_loss = True
         self._last_orth_terms: dict[str, torch.Tensor] = {}  # detached: read (and synced) only when logged
         self._idle_forwards = 0
         self._unloaded = False
@@ -104,7 +106,7 @@ class LoRA2Model(nn.Module):
 
     # -- forward and regulariser --------------------------------------------------------------
     def orth_regularization(self) -> torch.Tensor:
-        """R of SPEC §3 (mean over adapted matrices of the enabled terms), not yet multiplied by γ."""
+        """R of method.md §3 (mean over adapted matrices of the enabled terms), not yet multiplied by γ."""
         cfg = self.lora2_config
         return orth_regularization(self.lora2_layers.values(), cfg.orth_terms, cfg.pq_form)
 
@@ -113,6 +115,13 @@ class LoRA2Model(nn.Module):
         """Each enabled term of R ('uv', 'UV', 'PQ') as its mean over matrices, γ not applied, from the last
         training forward that added γ·R (their sum is ``last_orth_reg``); empty before that."""
         return {name: float(value) for name, value in self._last_orth_terms.items()}
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """γ·R as its own loss (terms recorded for logging), for loops that keep it out of the model's loss
+        (``regularizer_in_loss = False``), e.g. to clip the task gradient alone; None when γ or the terms are off."""
+        if self.lora2_config.orth_reg_weight == 0 or not self.lora2_config.orth_terms:
+            return None
+        return self.lora2_config.orth_reg_weight * self._regularizer()
 
     def _regularizer(self) -> torch.Tensor:
         """R for the loss; its terms are kept for logging, from this same computation (no extra forward)."""
@@ -124,7 +133,7 @@ class LoRA2Model(nn.Module):
         return reg
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the wrapped model; in training mode add γ·R to its loss whenever it computes one (SPEC §3).
+        """Run the wrapped model; in training mode add γ·R to its loss whenever it computes one (method.md §3).
 
         Evaluation losses stay the task loss alone, comparable with other methods.
         """
@@ -133,7 +142,8 @@ class LoRA2Model(nn.Module):
             self._note_training_forward()
         outputs = self.base_model(*args, **kwargs)
         gamma = self.lora2_config.orth_reg_weight
-        if gamma == 0 or not self.lora2_config.orth_terms or not self.training or self._adapters_disabled():
+        if not self.regularizer_in_loss or gamma == 0 or not self.lora2_config.orth_terms or not self.training \
+                or self._adapters_disabled():
             return outputs
         if isinstance(outputs, Mapping) and outputs.get("loss") is not None:
             outputs["loss"] = outputs["loss"] + gamma * self._regularizer().to(outputs["loss"].dtype)
@@ -200,7 +210,7 @@ class LoRA2Model(nn.Module):
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def num_adapter_parameters(self) -> int:
-        """LoRA² parameters only (SPEC §1): Σ d_in·k + k·r + r + r·k + k·d_out, head excluded."""
+        """LoRA² parameters only (method.md §1): Σ d_in·k + k·r + r + r·k + k·d_out, head excluded."""
         return sum(getattr(la, p).numel() for la in self.lora2_layers.values() for p in ADAPTER_PARAMETERS)
 
     def optimizer_param_groups(self, lr: float, weight_decay: float = 0.0, *,

@@ -1,11 +1,11 @@
-"""Orthogonality regulariser R (SPEC §3): squared Frobenius distances of Gram matrices to I.
+"""Orthogonality regulariser R (method.md §3): squared Frobenius distances of Gram matrices to I.
 
 Every Gram is formed over the factor's smaller dimension, so nothing larger than max(k, r)²
 is built; PᵀP and QQᵀ reuse the k×k Grams of ``p_outer`` and ``q_outer``. Adapted matrices of
 the same shape are stacked and their terms computed with batched matrix products: a handful of
 ops per distinct shape (three in a BERT or Llama block) instead of some thirty per matrix.
 
-R_PQ comes in two forms (``LoRA2Config.pq_form``). 'literal' is the spec's ‖PᵀP − I_r‖²_F, whose
+R_PQ comes in two forms (``LoRA2Config.pq_form``). 'literal' is the paper's ‖PᵀP − I_r‖²_F, whose
 floor is r − k when k < r. 'rank' asks only the m non-zero singular values P can have to be 1:
 Σ_{i≤m} (σ_i² − 1)² = tr(A²) − 2·tr(A) + m with the k×k A = (p_inner p_innerᵀ)(p_outerᵀ p_outer),
 whose eigenvalues are the σ_i² (and likewise for Q), so its minimum 0 is reachable.

@@ -41,7 +41,7 @@ def linear_names(model: nn.Module, limit: int = 8) -> str:
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """The "ALL" target set (SPEC §7) of the model's type."""
+    """The "ALL" target set (method.md §7) of the model's type."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DEFAULT_TARGET_MODULES:
         raise ValueError(

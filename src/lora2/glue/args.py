@@ -64,6 +64,10 @@ class GlueArgs:
     adalora_init_r: int = field(default=12, metadata={"help": "AdaLoRA: initial rank per matrix."})
     adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA: target average rank."})
     adalora_alpha: float = field(default=32.0, metadata={"help": "AdaLoRA: alpha."})
+    orth_clip: str = field(default="shared", metadata={
+        "help": "LoRA²: 'shared' clips the gradient of task loss + γ·R with one norm (the usual loop); 'separate' "
+                "clips the task gradient alone and adds the regulariser's gradient unclipped.",
+        "choices": ["shared", "separate"]})
     init_warmup_min: int = field(default=0, metadata={
         "help": "LoRA²/AdaLoRA: when --init-warmup is not given, t_init = max(15%% of the run, this many steps), "
                 "so pruning never starts before the update has had time to grow on short runs."})
@@ -94,6 +98,8 @@ class GlueArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+        if self.orth_clip not in ("shared", "separate"):
+            raise ValueError(f"--orth-clip must be 'shared' or 'separate', got {self.orth_clip!r}.")
         if self.init_warmup_min < 0:
             raise ValueError(f"--init-warmup-min must be >= 0, got {self.init_warmup_min}.")
         if self.epochs <= 0:

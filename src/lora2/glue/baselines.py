@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..targets import matches, set_submodule
 from .args import GlueArgs
 from .methods import Method
 
@@ -45,21 +46,16 @@ class SoRALayer(nn.Module):
         return int(torch.count_nonzero(self.gate.detach()).item())
 
 
-def _is_target(name: str, targets: list[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def add_sora(model: nn.Module, target_modules: list[str], r: int, alpha: float,
              dropout: float = 0.0) -> dict[str, SoRALayer]:
     """Replace matching ``nn.Linear`` modules by SoRA layers; freeze nothing (the caller decides)."""
-    found = [(n, m) for n, m in model.named_modules() if n and _is_target(n, target_modules)]
+    found = [(n, m) for n, m in model.named_modules() if n and matches(n, target_modules)]
     if not found:
         raise ValueError(f"SoRA target_modules={target_modules!r} matched no module.")
     layers = {}
     for name, module in found:
         layer = SoRALayer(module, r, alpha, dropout)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        set_submodule(model, name, layer)
         layers[name] = layer
     return layers
 
@@ -105,7 +101,7 @@ class FrozenBaseMethod(Method):
         super().__init__(model)
         self.name = name
         freeze_all_but(model, keep)
-        modules = [m for n, m in model.named_modules() if n and _is_target(n, watched or []) and hasattr(m, "weight")]
+        modules = [m for n, m in model.named_modules() if n and watched and matches(n, watched) and hasattr(m, "weight")]
         self.initial = [(m.weight, m.weight.detach().clone() if m.weight.requires_grad else None) for m in modules]
 
     def deltas(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -85,6 +85,9 @@ def train_step(method: Method, batch: dict[str, torch.Tensor], optimizer: Any, s
         phase("backward")
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params if params is not None else method.trainable(), max_grad_norm)
+    extra = method.unclipped_loss()
+    if extra is not None:
+        extra.backward()
     optimizer.step()
     if phase is not None:
         phase("optimizer")
@@ -110,6 +113,7 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
     total = settings.total_steps
     log = open(out_dir / "train_log.jsonl", "a", encoding="utf-8")  # closed in the finally below
     running: list[float] = []
+    running_task: list[float] = []  # the task part of each loss (LoRA²'s γ·R taken out)
     model.train()
     bar = tqdm(total=total, initial=state.step, desc=settings.description, disable=not settings.progress,
                dynamic_ncols=True)
@@ -126,10 +130,12 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
                 state.batches_done = index + 1
                 state.train_time += time.perf_counter() - t0
                 running.append(loss.item())
+                running_task.append(method.task_loss(running[-1]))
                 bar.update(1)
                 step = state.step
                 if step % settings.logging_steps == 0 or step == total:
-                    entry = {"step": step, "loss": float(np.mean(running)), "lr": scheduler.get_last_lr()[0]}
+                    entry = {"step": step, "loss": float(np.mean(running)), "task_loss": float(np.mean(running_task)),
+                             "lr": scheduler.get_last_lr()[0]}
                     pattern = method.active_pattern()
                     if pattern is not None:
                         entry["active_ranks"] = int(sum(pattern.values()))
@@ -137,7 +143,7 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
                     log.write(json.dumps(entry) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{entry['loss']:.4f}")
-                    running = []
+                    running, running_task = [], []
                 if step % settings.eval_every == 0 or step == total:
                     metrics = evaluate()
                     state.history.append({"step": step, **metrics})

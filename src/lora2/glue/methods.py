@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DEFAULT_TARGET_MODULES, LoRA2Config
+from ..config import LoRA2Config
 from ..model import get_lora2_model
 from ..persistence import write_tensors
+from ..targets import default_targets
 from .args import METHODS, GlueArgs
 
 
@@ -44,6 +45,14 @@ class Method:
 
     def after_step(self, step: int, lr: float) -> None:
         """Runs after ``optimizer.step()`` and before ``zero_grad()`` (allocation, proximal steps)."""
+
+    def unclipped_loss(self) -> torch.Tensor | None:
+        """A loss whose gradient is added after clipping (LoRA² with ``--orth-clip separate``: γ·R)."""
+        return None
+
+    def task_loss(self, loss: float) -> float:
+        """The task part of the training loss the model returned (LoRA² adds γ·R to it)."""
+        return loss
 
     def active_pattern(self) -> dict[str, int] | None:
         """Active ranks per adapted matrix (cheap: counts only), or None for methods without ranks."""
@@ -93,26 +102,34 @@ class Method:
 class LoRA2Method(Method):
     name = "lora2"
 
-    def __init__(self, base: nn.Module, config: LoRA2Config) -> None:
+    def __init__(self, base: nn.Module, config: LoRA2Config, orth_clip: str = "shared") -> None:
         super().__init__(get_lora2_model(base, config))
         self.initial_rank = config.r
+        self.model.regularizer_in_loss = orth_clip == "shared"
+
+    def unclipped_loss(self) -> torch.Tensor | None:
+        return None if self.model.regularizer_in_loss else self.model.regularization_loss()
+
+    def task_loss(self, loss: float) -> float:
+        reg = self.model.last_orth_reg
+        if not self.model.regularizer_in_loss or reg is None:
+            return loss
+        return loss - self.model.lora2_config.orth_reg_weight * float(reg)
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        groups = getattr(self.model, "optimizer_param_groups", None)
-        return groups(lr, weight_decay) if groups is not None else super().param_groups(lr, weight_decay)
+        return self.model.optimizer_param_groups(lr, weight_decay)  # lam at lr · lam_lr_ratio
 
     def after_step(self, step: int, lr: float) -> None:
         self.model.update_and_allocate(step)
 
     def active_pattern(self) -> dict[str, int]:
-        return {name: layer.active_count() for name, layer in self.model.lora2_layers.items()}
+        return self.model.active_pattern()
 
     def log_values(self) -> dict[str, float]:
         values = {}
         if self.model.last_orth_reg is not None:
             values["orth_reg"] = float(self.model.last_orth_reg)
-        for term, value in (getattr(self.model, "last_orth_terms", None) or {}).items():
-            values[f"orth_{term}"] = float(value)
+        values.update({f"orth_{term}": value for term, value in self.model.last_orth_terms.items()})
         return values
 
     def deltas(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -191,13 +208,8 @@ def head_modules(model: nn.Module) -> list[str]:
 
 
 def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
-    """The adapted modules: the given suffixes, else the model type's "ALL" set from the config module."""
-    if targets:
-        return list(targets)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGET_MODULES:
-        raise ValueError(f"No default target modules for model type {model_type!r}; pass --target-modules.")
-    return list(DEFAULT_TARGET_MODULES[model_type])
+    """The adapted modules: the given suffixes, else the model type's "ALL" set (``config.DEFAULT_TARGET_MODULES``)."""
+    return list(targets) if targets else default_targets(model)
 
 
 def build_method(args: GlueArgs, base: nn.Module, total_steps: int) -> Method:
@@ -211,7 +223,7 @@ def build_method(args: GlueArgs, base: nn.Module, total_steps: int) -> Method:
     settings = args.lora2_settings(total_steps)
     if args.method == "lora2":
         config = LoRA2Config(**settings, target_modules=targets, modules_to_save=heads, total_step=total_steps)
-        return LoRA2Method(base, config)
+        return LoRA2Method(base, config, args.orth_clip)
     if args.method in ("lora", "adalora"):
         return _build_peft(args, base, settings, targets, heads, total_steps)
     return build_baseline(args, base, settings, targets, heads)
