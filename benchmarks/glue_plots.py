@@ -81,7 +81,7 @@ def write_plots(protocol: dict[str, Any], plan: Plan, out_dir: Path) -> list[Pat
             for suffix, series_of, ylabel, log in figures:
                 curves = [(label, color, [s for s in map(series_of, results) if s]) for label, color, results in cells]
                 path = Path(out_dir) / f"{group_name}-{task}-{suffix}.png"
-                if _figure(curves, f"{group.get('title', group_name).split(':')[0]}, {task_label}", ylabel, log, path):
+                if _figure(curves, f"{group_name}: {task_label}", ylabel, log, path):
                     written.append(path)
     return written
 
