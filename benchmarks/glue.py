@@ -78,10 +78,15 @@ def train_one(run: Run, args: dict[str, Any], protocol: dict[str, Any], runs_dir
               progress: bool) -> tuple[dict[str, Any], float]:
     """Train one run with ``run_glue``; an option the library does not have (yet) fails this run only."""
     from lora2.glue.args import GlueArgs
+    from lora2.glue.checkpoint import latest_checkpoint
     from lora2.glue.run import run_glue
 
-    options = {**args, "output_dir": str(run.run_dir(runs_dir)), "num_threads": protocol.get("num_threads"),
-               "no_progress": not progress}
+    run_dir = run.run_dir(runs_dir)
+    options = {**args, "output_dir": str(run_dir), "num_threads": protocol.get("num_threads"),
+               "no_progress": not progress, "save_steps": protocol.get("save_steps"), "save_total_limit": 1}
+    if protocol.get("save_steps") and latest_checkpoint(run_dir) is not None:  # a stopped worker left it
+        options["resume_from_checkpoint"] = "last"
+        print(f"    resuming {run.name} from {latest_checkpoint(run_dir).name}", flush=True)
     glue_args = GlueArgs.from_flat(options)
     t0 = time.perf_counter()
     results = run_glue(glue_args)

@@ -228,6 +228,21 @@ def test_a_failed_or_invalid_run_does_not_end_the_sweep(tmp_path, monkeypatch, c
     assert "FAILED g/rte-bad-s0: Unknown lora2 glue option(s) ['no_such_field']" in out and "FAILED g/rte-boom-s0" in out
 
 
+def test_a_stopped_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    import lora2.glue.run
+
+    seen = []
+    monkeypatch.setattr(lora2.glue.run, "run_glue", lambda args: seen.append(args) or fake("rte", 0.5))
+    protocol = {"save_steps": 100, "tasks": {"rte": {}}, "methods": {}, "groups": {}}
+    run = gp.Run("g", "rte", "v", 0, args={"task": "rte", "method": "lora2"})
+    bench.train_one(run, dict(run.args), protocol, tmp_path, progress=False)
+    checkpoint = run.run_dir(tmp_path) / "checkpoint-200"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}", encoding="utf-8")  # a complete checkpoint's marker
+    bench.train_one(run, dict(run.args), protocol, tmp_path, progress=False)
+    assert [(a.save_steps, a.resume_from_checkpoint) for a in seen] == [(100, None), (100, "last")]
+
+
 def _tiny(tmp_path: Path) -> tuple[dict, Path]:
     protocol = {
         "name": "tiny", "lr_selection": "highest final",
