@@ -338,3 +338,42 @@ def test_training_log_separates_task_loss_and_regulariser_terms(tmp_path, tiny_m
     for e in logged:  # R is the sum of its terms; the logged loss is task loss + γ·R (γ = 0.1 by default)
         assert e["orth_reg"] == pytest.approx(e["orth_uv"] + e["orth_UV"] + e["orth_PQ"], rel=1e-5)
         assert e["loss"] - e["task_loss"] == pytest.approx(0.1 * e["orth_reg"], rel=0.05)
+
+
+@pytest.mark.parametrize("method", ["lora2", "lora", "adalora", "full"])
+def test_update_norms_match_the_merged_weights(method):
+    """Method.update_norms() (recorded at every evaluation) equals ‖W_merged − W0‖ / ‖W0‖ per matrix."""
+    import statistics
+
+    from lora2.glue.args import GlueArgs
+    from lora2.glue.methods import build_method
+
+    from .conftest import BERT_TARGETS, tiny_bert
+
+    base = tiny_bert()
+    names = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in
+             ("query", "key", "value", "dense") and "pooler" not in n]
+    before = {n: base.get_submodule(n).weight.detach().clone() for n in names}
+    args = GlueArgs(task="rte", method=method, target_modules=",".join(BERT_TARGETS), lora_r=2, adalora_init_r=3,
+                    adalora_target_r=2, lora2={"init_warmup": 2, "final_warmup": 2})
+    built = build_method(args, base, total_steps=10)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # move every trainable tensor so that ΔW ≠ 0
+        for p in built.trainable():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    got = built.update_norms()
+    if method == "lora2":
+        built.model.merge()
+        model = built.model.base_model
+    elif method in ("lora", "adalora"):
+        model = built.model.merge_and_unload()
+    else:
+        model = built.model
+    def weight(name: str) -> torch.Tensor:
+        module = model.get_submodule(name)
+        return getattr(module, "base_layer", module).weight.detach()  # a merged LoRA2Layer keeps its base layer
+
+    ratios = [float((weight(n) - w0).norm() / w0.norm()) for n, w0 in before.items()]
+    assert len(ratios) == 12 and min(ratios) > 0
+    assert got["median"] == pytest.approx(statistics.median(ratios), rel=1e-4)
+    assert got["max"] == pytest.approx(max(ratios), rel=1e-4)

@@ -106,7 +106,7 @@ class FrozenBaseMethod(Method):
 
     def deltas(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for weight, start in self.initial:
-            yield (weight - start if start is not None else torch.zeros_like(weight)), weight
+            yield (weight - start, start) if start is not None else (torch.zeros_like(weight), weight)
 
 
 def build_baseline(args: GlueArgs, base: nn.Module, settings: dict[str, Any], targets: list[str],
