@@ -55,7 +55,7 @@ def test_protocol_expands_to_the_exact_run_counts(protocol):
     count = {}
     for run in runs:
         count[run.group, run.stage] = count.get((run.group, run.stage), 0) + 1
-    assert count == {("table1", 1): 7 * 5 * 3, ("table1", 2): 7 * 5 * 2, ("dynamics", 0): 9 * 3,
+    assert count == {("table1", 1): 7 * 5 * 3, ("table1", 2): 7 * 5 * 2, ("dynamics", 0): 9 * 3, ("curves", 0): 2 * 5,
                      ("orth", 0): 5 * 2, ("targets", 0): 4 * 2, ("importance", 0): 2 * 2}
     assert len({str(r.result_path(Path("x"))).lower() for r in runs}) == len(runs)  # distinct files, any file system
     assert {r.task for r in runs if r.group == "table1"} == set(TASKS)
@@ -152,7 +152,7 @@ def test_shards_are_disjoint_and_complete(protocol, tmp_path, capsys):
     for i in range(2):
         assert bench.main(["--results-dir", str(tmp_path), "run", "--dry-run", "--shard", f"{i}/2"]) == 0
         todo.append({line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("  todo")})
-    assert not todo[0] & todo[1] and len(todo[0] | todo[1]) == 105 + 27  # table1 stage 1 and dynamics
+    assert not todo[0] & todo[1] and len(todo[0] | todo[1]) == 105 + 27 + 10  # table1 stage 1, dynamics, curves
     assert gp.parse_shard("1/3") == (1, 3)
     for bad in ("3/3", "x", "1/0", "-1/2"):
         with pytest.raises(argparse.ArgumentTypeError, match="--shard"):
@@ -163,11 +163,12 @@ def test_priority_order(protocol):
     runs = gp.order_runs(gp.expand(protocol), protocol, "priority")
     # dynamics first (its outcome chooses LoRA²'s defaults), MRPC before the other tasks
     assert {r.group for r in runs[:27]} == {"dynamics"} and {r.task for r in runs[:9]} == {"mrpc"}
-    stage1 = runs[27:132]
+    assert {r.group for r in runs[27:37]} == {"curves"}  # the learning curves fix table 1's budgets
+    stage1 = runs[37:142]
     assert {r.stage for r in stage1} == {1}
     assert [r.task for r in stage1][::21] == ["mrpc", "stsb", "cola", "rte", "sst2"]
-    assert {r.stage for r in runs[132:202]} == {2}
-    assert {r.group for r in runs[202:]} == {"orth", "targets", "importance"}
+    assert {r.stage for r in runs[142:212]} == {2}
+    assert {r.group for r in runs[212:]} == {"orth", "targets", "importance"}
 
 
 def test_dry_run_prints_the_estimate(tmp_path, capsys):
@@ -294,7 +295,7 @@ def test_tables_show_partial_floor_lr_search_and_seed_counts(tmp_path):
 
 def test_real_protocol_tables_have_floor_and_ceiling_rows(tmp_path, protocol):
     text = glue_report.render_tables(protocol, tmp_path)
-    assert "**PARTIAL**: 0 of the 224 protocol runs have a result" in text
+    assert "**PARTIAL**: 0 of the 234 protocol runs have a result" in text
     table1 = text.split("## Table 1")[1].split("## ")[0]
     assert "| Head only (floor) | — |" in table1 and "| Full fine-tuning (ceiling) | — |" in table1
 
