@@ -25,7 +25,8 @@ REPO = HERE.parent
 PROTOCOL = HERE / "glue_protocol.json"
 # Task entries that describe the task rather than configure the run.
 TASK_META = ("label", "sec_per_step", "truncated_pct")
-# GlueArgs fields that do not change what is trained, left out of a run's identity.
+# GlueArgs fields that do not change what is trained, left out of a run's identity (the same set as
+# lora2.glue.run.NOT_IDENTITY, which this module does not import to stay free of torch; a test compares them).
 NON_IDENTITY = ("output_dir", "data_dir", "no_progress", "num_threads", "device", "resume_from_checkpoint",
                 "save_steps", "save_total_limit", "logging_steps", "eval_batch_size")
 # LoRA2Config fields whose pipeline default depends on the task or the run length (GlueArgs.lora2_settings):

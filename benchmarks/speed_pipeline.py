@@ -38,7 +38,8 @@ def glue_args(method: str, out_dir: Path, data_dir: str | None, model: str | Non
     return GlueArgs.from_flat({
         "task": task, "method": method, "model": model, "data_dir": data_dir, "output_dir": str(out_dir),
         "max_length": max_length, "batch_size": batch, "max_steps": steps, "eval_steps": steps,
-        "logging_steps": logging_steps, "no_progress": True, "seed": 0, "max_train_samples": max_train_samples})
+        "logging_steps": logging_steps, "no_progress": True, "seed": 0, "max_train_samples": max_train_samples,
+        "device": "cpu"})  # both sides on the CPU, where the bare loop runs
 
 
 def run_pipeline(args: GlueArgs, p: PreparedRun) -> None:

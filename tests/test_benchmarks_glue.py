@@ -229,6 +229,12 @@ def test_a_failed_or_invalid_run_does_not_end_the_sweep(tmp_path, monkeypatch, c
     assert "FAILED g/rte-bad-s0: Unknown lora2 glue option(s) ['no_such_field']" in out and "FAILED g/rte-boom-s0" in out
 
 
+def test_run_identity_agrees_with_the_pipelines_resume_check():
+    from lora2.glue.run import NOT_IDENTITY
+
+    assert set(gp.NON_IDENTITY) == set(NOT_IDENTITY)
+
+
 def test_a_stopped_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     import lora2.glue.run
 

@@ -326,8 +326,8 @@ def test_orth_clip_separate_clips_the_task_gradient_alone():
     separate_loss, separate_norm = _lora2_step_grad_norm("separate", 1e-6)
     assert shared_norm == pytest.approx(1e-6, rel=1e-3)  # task + γ·R gradient clipped as one
     assert separate_norm > 1e-2  # γ·R's gradient (Gaussian factors are far from orthonormal) is added unclipped
-    # the model's loss holds γ·R only in shared mode: γ · R(≈ 2·(1 + 1) + 2·8 at the Gaussian init) apart
-    assert shared_loss - separate_loss == pytest.approx(0.5 * 20.0, rel=0.05)
+    # either way the step returns the objective task loss + γ·R (γ·R ≈ 0.5 · (2·(1 + 1) + 2·8) at this init)
+    assert separate_loss == pytest.approx(shared_loss, rel=1e-5) and shared_loss > 0.5 * 19
 
 
 def test_training_log_separates_task_loss_and_regulariser_terms(tmp_path, tiny_model_dir, glue_dir):

@@ -69,3 +69,6 @@ def test_resume_with_other_options_is_refused(tmp_path, tiny_model_dir, glue_dir
     assert main([*changed, "--resume-from-checkpoint", "last"]) == 2
     assert "resume with the same options" in capsys.readouterr().err
     assert main([*ns_args, "--resume-from-checkpoint", str(tmp_path / "nothing")]) == 2
+    # same step count, other learning rate or LoRA² option: continuing would train with the old ones
+    assert main([*ns_args, "--learning-rate", "0.002", "--pq-form", "rank", "--resume-from-checkpoint", "last"]) == 2
+    assert "written with other options (learning_rate, pq_form)" in capsys.readouterr().err

@@ -106,7 +106,11 @@ class FrozenBaseMethod(Method):
 
     def deltas(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for weight, start in self.initial:
-            yield (weight - start, start) if start is not None else (torch.zeros_like(weight), weight)
+            if start is None:
+                yield torch.zeros_like(weight), weight
+            else:  # W0 was copied before the model moved to its device
+                start = start.to(weight.device)
+                yield weight - start, start
 
 
 def build_baseline(args: GlueArgs, base: nn.Module, settings: dict[str, Any], targets: list[str],

@@ -44,6 +44,7 @@ def save_checkpoint(directory: Path, method: Method, optimizer: torch.optim.Opti
             "data_rng": data_generator_state,
             "numpy_rng": _numpy_state_to_torch(),
             "python_rng": random.getstate(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,  # dropout on GPUs
         }, tmp / OPTIMIZER_NAME)
         write_json(tmp / STATE_NAME, loop_state)  # last: marks the checkpoint complete
         if directory.exists():
@@ -100,6 +101,8 @@ def load_checkpoint(directory: Path, method: Method, optimizer: torch.optim.Opti
     torch.set_rng_state(other["torch_rng"])
     np.random.set_state(_numpy_state_from_torch(other["numpy_rng"]))
     random.setstate(other["python_rng"])
+    if other.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(other["cuda_rng"])
     return loop_state, other["data_rng"]
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from ..persistence import read_json
+from .checkpoint import STATE_NAME, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .methods import Method
 
 
@@ -34,6 +35,7 @@ class LoopSettings:
     save_total_limit: int = 2
     progress: bool = True
     description: str = "train"
+    identity: dict[str, Any] = field(default_factory=dict)  # the run's options; a resume must match them
 
 
 @dataclass
@@ -49,16 +51,26 @@ class LoopState:
     best: dict[str, Any] = field(default_factory=lambda: {"score": -math.inf})
 
 
-def resume(path: str, out_dir: Path, method: Method, optimizer: Any, scheduler: Any, total_steps: int,
+def resume(path: str, out_dir: Path, method: Method, optimizer: Any, scheduler: Any, settings: LoopSettings,
            generator: torch.Generator, log_path: Path) -> LoopState:
-    """Load a checkpoint ('last' or a path) into method/optimizer/scheduler/generator; trim the log to it."""
+    """Load a checkpoint ('last' or a path) into method/optimizer/scheduler/generator; trim the log to it.
+
+    Refused when the checkpoint was written with other options (steps, learning rate, any LoRA² field):
+    continuing it would train with the old ones and report the new ones."""
     source = latest_checkpoint(out_dir) if path == "last" else Path(path)
     if source is None:
         raise FileNotFoundError(f"--resume-from-checkpoint last: no complete checkpoint-N in {out_dir}.")
-    saved, data_state = load_checkpoint(source, method, optimizer, scheduler)
-    if saved["total_steps"] != total_steps:
-        raise ValueError(f"{source} belongs to a run of {saved['total_steps']} steps, this one has "
+    total_steps = settings.total_steps
+    stored = read_json(source / STATE_NAME) if (source / STATE_NAME).is_file() else {}
+    if stored.get("total_steps", total_steps) != total_steps:
+        raise ValueError(f"{source} belongs to a run of {stored['total_steps']} steps, this one has "
                          f"{total_steps}: resume with the same options.")
+    options = json.loads(json.dumps(settings.identity))  # as JSON stores them (tuples become lists)
+    if "options" in stored and stored["options"] != options:
+        changed = sorted(k for k in set(options) | set(stored["options"]) if options.get(k) != stored["options"].get(k))
+        raise ValueError(f"{source} was written with other options ({', '.join(changed)}): resume with the same "
+                         "options, or start a new run in another --output-dir.")
+    saved, data_state = load_checkpoint(source, method, optimizer, scheduler)
     generator.set_state(data_state)
     kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
             if json.loads(line)["step"] <= saved["step"]] if log_path.exists() else []
@@ -88,6 +100,7 @@ def train_step(method: Method, batch: dict[str, torch.Tensor], optimizer: Any, s
     extra = method.unclipped_loss()
     if extra is not None:
         extra.backward()
+        loss = loss.detach() + extra.detach()  # the objective, as in the usual loop: task loss + γ·R
     optimizer.step()
     if phase is not None:
         phase("optimizer")
@@ -156,7 +169,7 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
                         state.best = {"score": score(metrics), "step": step, "metrics": metrics}
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if settings.save_steps and step % settings.save_steps == 0 and step < total:
-                    loop_state = {**dataclasses.asdict(state), "total_steps": total}
+                    loop_state = {**dataclasses.asdict(state), "total_steps": total, "options": settings.identity}
                     save_checkpoint(out_dir / f"checkpoint-{step}", method, optimizer, scheduler, loop_state,
                                     epoch_data_state)
                     prune_checkpoints(out_dir, settings.save_total_limit)

@@ -111,10 +111,8 @@ class LoRA2Method(Method):
         return None if self.model.regularizer_in_loss else self.model.regularization_loss()
 
     def task_loss(self, loss: float) -> float:
-        reg = self.model.last_orth_reg
-        if not self.model.regularizer_in_loss or reg is None:
-            return loss
-        return loss - self.model.lora2_config.orth_reg_weight * float(reg)
+        reg = self.model.last_orth_reg  # set by the step's forward (or regularization_loss with --orth-clip separate)
+        return loss if reg is None else loss - self.model.lora2_config.orth_reg_weight * float(reg)
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         return self.model.optimizer_param_groups(lr, weight_decay)  # lam at lr · lam_lr_ratio

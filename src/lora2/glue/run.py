@@ -104,6 +104,11 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+# Options that do not change what a run trains: a checkpoint may be resumed with other values of these.
+NOT_IDENTITY = ("output_dir", "data_dir", "no_progress", "num_threads", "device", "resume_from_checkpoint",
+                "save_steps", "save_total_limit", "logging_steps", "eval_batch_size")
+
+
 @dataclass
 class PreparedRun:
     """Everything ``run_glue`` builds before its first step (the speed benchmark times from here)."""
@@ -155,7 +160,8 @@ def prepare_run(args: GlueArgs) -> PreparedRun:
     settings = LoopSettings(total_steps=total_steps, eval_every=args.eval_steps or len(train_loader),
                             logging_steps=args.logging_steps, max_grad_norm=args.max_grad_norm,
                             save_steps=args.save_steps, save_total_limit=args.save_total_limit,
-                            progress=not args.no_progress, description=f"{task.name} {args.method}")
+                            progress=not args.no_progress, description=f"{task.name} {args.method}",
+                            identity={k: v for k, v in args.flat().items() if k not in NOT_IDENTITY})
     return PreparedRun(task, method, train_loader, eval_loaders, gen, optimizer, scheduler, settings, lr, warmup,
                        model_path, len(train_set), device)
 
@@ -173,7 +179,7 @@ def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "train_log.jsonl"
     if args.resume_from_checkpoint:
-        state = resume(args.resume_from_checkpoint, out_dir, p.method, p.optimizer, p.scheduler, total_steps,
+        state = resume(args.resume_from_checkpoint, out_dir, p.method, p.optimizer, p.scheduler, p.settings,
                        p.generator, log_path)
     else:
         log_path.write_text("", encoding="utf-8")
