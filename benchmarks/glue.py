@@ -33,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the glue_* modules beside this file
 
+import glue_pool
 from glue_plan import Plan, Step, estimate_line, make_plan, read_json
 from glue_protocol import (
     PROTOCOL,
@@ -61,7 +62,9 @@ def machine() -> str:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor()
-    return f"{platform.system()} {platform.machine()}, {cpu or 'unknown CPU'}, {os.cpu_count()} cores"
+    torch = sys.modules.get("torch")  # loaded by a run that trained in this process
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch is not None and torch.cuda.is_available() else ""
+    return f"{platform.system()} {platform.machine()}, {cpu or 'unknown CPU'}, {os.cpu_count()} cores{gpu}"
 
 
 def stamp(results: dict[str, Any], step: Step, protocol_id: str, **extra: Any) -> dict[str, Any]:
@@ -75,16 +78,17 @@ def stamp(results: dict[str, Any], step: Step, protocol_id: str, **extra: Any) -
 
 
 def train_one(run: Run, args: dict[str, Any], protocol: dict[str, Any], runs_dir: Path,
-              progress: bool) -> tuple[dict[str, Any], float]:
+              ns: argparse.Namespace) -> tuple[dict[str, Any], float]:
     """Train one run with ``run_glue``; an option the library does not have (yet) fails this run only."""
     from lora2.glue.args import GlueArgs
     from lora2.glue.checkpoint import latest_checkpoint
     from lora2.glue.run import run_glue
 
     run_dir = run.run_dir(runs_dir)
+    save_steps = None if ns.no_checkpoints else protocol.get("save_steps")
     options = {**args, "output_dir": str(run_dir), "num_threads": protocol.get("num_threads"),
-               "no_progress": not progress, "save_steps": protocol.get("save_steps"), "save_total_limit": 1}
-    if protocol.get("save_steps") and latest_checkpoint(run_dir) is not None:  # a stopped worker left it
+               "no_progress": not ns.progress, "save_steps": save_steps, "save_total_limit": 1, "tf32": ns.tf32}
+    if save_steps and latest_checkpoint(run_dir) is not None:  # a stopped worker left it
         options["resume_from_checkpoint"] = "last"
         print(f"    resuming {run.name} from {latest_checkpoint(run_dir).name}", flush=True)
     glue_args = GlueArgs.from_flat(options)
@@ -111,7 +115,7 @@ def _view(plan: Plan, ns: argparse.Namespace, protocol: dict[str, Any]) -> list[
     runs = order_runs(select(expand(protocol), protocol, ns.only, ns.tasks, ns.seeds), protocol, ns.order)
     by_name = {s.run.name: s for s in plan.steps}
     steps = [by_name[r.name] for r in runs]
-    if ns.shard is None:
+    if ns.shard is None or ns.claim:
         return steps
     index, count = ns.shard
     return [s for s in steps if s.status in ("done", "reuse") or shard_of(s.run, count) == index]
@@ -152,27 +156,44 @@ def cmd_run(ns: argparse.Namespace) -> int:
         os.environ["LORA2_GLUE_DIR"] = str(SHARED_GLUE)
     attempted: set[str] = set()
     failed: list[str] = []
+    start = time.monotonic()
     while True:
         for step in steps:
             if step.status == "reuse":
                 copy_result(step, results_dir)
-        step = next((s for s in steps if s.status == "todo" and s.run.name not in attempted), None)
-        if step is None or (ns.max_runs is not None and len(attempted) >= ns.max_runs):
+        if ns.stop_after is not None and time.monotonic() - start > ns.stop_after:
+            print(f"--stop-after {ns.stop_after:g} s reached: no new run starts.", flush=True)
+            break
+        if ns.max_runs is not None and len(attempted) >= ns.max_runs:
+            break
+        step = next((s for s in steps if s.status == "todo" and s.run.name not in attempted
+                     and (not ns.claim or glue_pool.claim(s.run, runs_dir))), None)
+        if step is None:
+            if ns.wait and any(s.status == "waiting" for s in steps) and (not ns.claim or glue_pool.in_progress(runs_dir)):
+                # stage 2 waits for other workers' stage 1
+                time.sleep(ns.poll)
+                plan = make_plan(protocol, results_dir)
+                steps = _view(plan, ns, protocol)
+                continue
             break
         attempted.add(step.run.name)
         args = step.run.with_lr(step.lr)
         print(f"[{len(attempted)}] train {step.run.name}: {args}", flush=True)
         try:
-            results, wall = train_one(step.run, args, protocol, runs_dir, ns.progress)
+            results, wall = train_one(step.run, args, protocol, runs_dir, ns)
         except Exception as err:  # one failed run must not end a sweep of hours; the next sitting retries it
             if not isinstance(err, ValueError):
                 traceback.print_exc()
             print(f"    FAILED {step.run.name}: {err}", flush=True)
             failed.append(step.run.name)
+            if ns.claim:
+                glue_pool.release(step.run, runs_dir, error=f"{type(err).__name__}: {err}")
         else:
             from lora2.persistence import write_json
 
             write_json(step.run.result_path(results_dir), stamp(results, step, protocol_id, wall_s=round(wall, 1)))
+            if ns.claim:
+                glue_pool.release(step.run, runs_dir)
             m = results["main_metric"]
             print(f"    done in {wall:.0f} s: final {m} {results['final'][m]:.4f}, best {results['best'][m]:.4f} "
                   f"(step {results['best']['step']}), {results['trainable_params']:,} trainable params", flush=True)
@@ -243,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dry-run", action="store_true",
                      help="Print the status of every run and the CPU-time estimate; train and copy nothing.")
     run.add_argument("--runs-dir", default=str(RUNS_DIR), help="Run directories (default: %(default)s).")
+    glue_pool.add_arguments(run)
     run.add_argument("--progress", action="store_true", help="Show progress bars.")
     run.add_argument("--no-tables", action="store_true", help="Do not rewrite tables and plots.")
     sub.add_parser("tables", help="Write tables.md (and the plots) from the result files.")
@@ -250,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_args(argv)
     if ns.command == "run" and ns.max_runs is not None and ns.max_runs < 0:
         ap.error("--max-runs must be >= 0")
+    if ns.command == "run" and ns.workers:
+        return glue_pool.run_workers(ns, sys.argv[1:] if argv is None else argv, Path(__file__))
     return {"run": cmd_run, "tables": cmd_tables, "plots": cmd_plots}[ns.command](ns)
 
 

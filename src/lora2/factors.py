@@ -123,7 +123,8 @@ class LoRA2Factors:
             return f.p_outer.T.to(dtype).contiguous(), (f.core() @ f.q_outer).T.to(dtype).contiguous()
         qp, left, right, qq = self._reduced()
         if left.shape[1] == 0:
-            return torch.zeros(0, qp.shape[0], dtype=dtype), torch.zeros(qq.shape[0], 0, dtype=dtype)
+            return (torch.zeros(0, qp.shape[0], dtype=dtype, device=qp.device),
+                    torch.zeros(qq.shape[0], 0, dtype=dtype, device=qp.device))
         q1, u, s, vh, q2 = self._small_svd(left, right)
         rank = numerical_rank(s, dtype)
         root = s[:rank].sqrt()

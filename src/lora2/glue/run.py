@@ -98,6 +98,15 @@ def evaluate(model: Any, loaders: dict[str, Any], task: GlueTask, device: str, p
     return flatten_split_metrics(task, per_split)
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
@@ -105,7 +114,7 @@ def peak_memory_mb(device: str) -> float:
 
 
 # Options that do not change what a run trains: a checkpoint may be resumed with other values of these.
-NOT_IDENTITY = ("output_dir", "data_dir", "no_progress", "num_threads", "device", "resume_from_checkpoint",
+NOT_IDENTITY = ("output_dir", "data_dir", "no_progress", "num_threads", "device", "tf32", "resume_from_checkpoint",
                 "save_steps", "save_total_limit", "logging_steps", "eval_batch_size")
 
 
@@ -136,6 +145,8 @@ def prepare_run(args: GlueArgs) -> PreparedRun:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):  # the process-wide setting, so set it either way
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
     set_seed(args.seed)
     train_examples = load_split(task, "train", args.data_dir)[: args.max_train_samples]
     dev_examples = {s: load_split(task, s, args.data_dir)[: args.max_eval_samples] for s in task.dev_splits}
@@ -232,8 +243,11 @@ def finish(args: GlueArgs, task: GlueTask, method: Any, state: LoopState, out_di
         "heatmap": heatmap,
         "learning_curve": curve,
         "device": device,
+        "tf32": bool(args.tf32 and device.startswith("cuda")),
         "environment": {"lora2": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads()},
+                        "threads": torch.get_num_threads(),
+                        "transformers": _version("transformers"), "peft": _version("peft"),
+                        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None},
         "command": " ".join(sys.argv),
     }
     write_json(out_dir / "results.json", results)
