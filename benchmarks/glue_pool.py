@@ -158,3 +158,9 @@ def run_workers(ns: argparse.Namespace, argv: list[str], script: Path) -> int:
     print(f"workers ended after {time.monotonic() - start:.0f} s: {_count(ns.results_dir) - before} new result "
           f"files.", flush=True)
     return 0 if all(p.returncode == 0 for p in procs) else 1
+
+
+if __name__ == "__main__":  # a library module: its command line is the runner's
+    import glue
+
+    sys.exit(glue.main())

@@ -191,11 +191,23 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=1)
+def _unread_options() -> dict[str, frozenset[str]]:
+    """Per method other than lora2: the LoRA2Config options it does not read."""
+    from lora2.glue.args import LORA2_OPTIONS_READ_BY, lora2_option_fields
+
+    names = {f.name for f in lora2_option_fields()}
+    return {method: frozenset(names - set(read)) for method, read in LORA2_OPTIONS_READ_BY.items()}
+
+
 def run_key(args: dict[str, Any], defaults: dict[str, Any] | None = None) -> str:
     """What a run trains, defaults filled in: equal keys iff equal settings. Keys are recomputed from each
-    result's stored args, so a field added to the options later changes no match."""
+    result's stored args, so a field added to the options later changes no match; LoRA2Config options a
+    method does not read are left out, so a new LoRA² default changes no other method's match."""
     full = {**(option_defaults() if defaults is None else defaults), **{k: v for k, v in args.items() if v is not None}}
-    return json.dumps({k: _canonical(v) for k, v in full.items() if k not in NON_IDENTITY}, sort_keys=True)
+    unread = _unread_options().get(full.get("method", "lora2"), frozenset())
+    return json.dumps({k: _canonical(v) for k, v in full.items() if k not in NON_IDENTITY and k not in unread},
+                      sort_keys=True)
 
 
 def select_lr(finals: dict[float, float | None]) -> float | None:

@@ -169,7 +169,7 @@ def budget_table(protocol: dict[str, Any]) -> list[str]:
 def render_tables(protocol: dict[str, Any], results_dir: Path, command: str | None = None,
                   protocol_path: str | Path = PROTOCOL, plots: list[Path] | None = None) -> str:
     plan = make_plan(protocol, results_dir)
-    lines = [f"# GLUE quality under the CPU protocol v2 ({protocol.get('name', '?')})", "", *status_lines(plan),
+    lines = [f"# GLUE quality under protocol v2 ({protocol.get('name', '?')})", "", *status_lines(plan),
              *provenance(protocol, plan, results_dir, command, protocol_path), "",
              "Each cell: the task's main metric ×100 on the dev set, mean ± sample standard deviation over seeds; "
              "`(n=…)`: fewer seeds than the protocol asks so far; " + DASH + ": no run yet. *Final* is the evaluation "

@@ -73,14 +73,13 @@ def main() -> None:
                                final_warmup=args.steps // 3, mask_interval=2, modules_to_save=["classifier"])
     model = lora2.get_lora2_model(base, config)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
     engine = DistributedDataParallel(model) if world > 1 else model
     # no shuffling: rank r takes rows r, r + world, ...; together they are the single-process batch
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False) if world > 1 \
         else SequentialSampler(data)
     loader = DataLoader(data, batch_size=args.per_device_batch, sampler=sampler,
                         collate_fn=DataCollatorWithPadding(tokenizer))
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+    optimizer = torch.optim.AdamW(model.optimizer_param_groups(args.lr))  # lam at lr × lam_lr_ratio
     losses = []
     for step, batch in enumerate(loader, start=1):
         loss = engine(**batch).loss

@@ -24,7 +24,7 @@ import glue_protocol as gp  # noqa: E402
 import glue_report  # noqa: E402
 
 TASKS = ["mrpc", "stsb", "cola", "rte", "sst2"]
-METHODS = ["head", "lora2", "lora1", "lora8", "adalora", "bitfit", "full"]
+METHODS = ["head", "lora2", "lora2_paper", "lora2_orth", "lora1", "lora8", "adalora", "bitfit", "full"]
 # LoRA2Config fields the dynamics group names that may not exist yet: the tests hold either way
 PENDING_FIELDS = {"scaling_rule", "lam_lr_ratio", "pq_form"}
 
@@ -55,14 +55,14 @@ def test_protocol_expands_to_the_exact_run_counts(protocol):
     count = {}
     for run in runs:
         count[run.group, run.stage] = count.get((run.group, run.stage), 0) + 1
-    assert count == {("table1", 1): 7 * 5 * 3, ("table1", 2): 7 * 5 * 2, ("dynamics", 0): 9 * 3, ("curves", 0): 2 * 5,
+    assert count == {("table1", 1): 9 * 5 * 3, ("table1", 2): 9 * 5 * 2, ("dynamics", 0): 12 * 3 * 3, ("curves", 0): 2 * 5,
                      ("orth", 0): 5 * 2, ("targets", 0): 4 * 2, ("importance", 0): 2 * 2}
     assert len({str(r.result_path(Path("x"))).lower() for r in runs}) == len(runs)  # distinct files, any file system
     assert {r.task for r in runs if r.group == "table1"} == set(TASKS)
     assert {r.variant for r in runs if r.group == "table1"} == set(METHODS)
     assert {r.seed for r in runs if r.stage == 1} == {0} and {r.seed for r in runs if r.stage == 2} == {1, 2}
     assert len(gp.select(runs, protocol, only=["orth"], tasks=["rte"])) == 5
-    assert len(gp.select(runs, protocol, only=["table1"], seeds=[0])) == 105
+    assert len(gp.select(runs, protocol, only=["table1"], seeds=[0])) == 135
     with pytest.raises(ValueError, match="Unknown group"):
         gp.select(runs, protocol, only=["table2"])
 
@@ -106,7 +106,7 @@ def test_keys_are_equal_iff_settings_are(protocol):
         "table1/mrpc-lora2-lr0.001-s0", "orth/mrpc-all-s0", "targets/mrpc-ALL-s0", "importance/mrpc-reduced-s0"}
     assert len(set(keys.values())) == len(keys) - 3  # dynamics has its own budget: never equal to table1
     assert _keys_at(protocol, 0.003)["orth/mrpc-all-s0"] == _keys_at(protocol, 0.003)["table1/mrpc-lora2-lr0.003-s0"]
-    args = gp.expand(protocol)[0].args
+    args = next(r.args for r in gp.expand(protocol) if r.name == "table1/mrpc-lora2-lr0.001-s0")
     assert gp.run_key({**args, "lora_alpha": 16.0}) == gp.run_key({**args, "lora_alpha": 16})
     assert gp.run_key({**args, "output_dir": "x", "num_threads": 2, "target_modules": None}) == gp.run_key(args)
     assert gp.run_key({**args, "seed": 1}) != gp.run_key(args)
@@ -152,7 +152,7 @@ def test_shards_are_disjoint_and_complete(protocol, tmp_path, capsys):
     for i in range(2):
         assert bench.main(["--results-dir", str(tmp_path), "run", "--dry-run", "--shard", f"{i}/2"]) == 0
         todo.append({line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("  todo")})
-    assert not todo[0] & todo[1] and len(todo[0] | todo[1]) == 105 + 27 + 10  # table1 stage 1, dynamics, curves
+    assert not todo[0] & todo[1] and len(todo[0] | todo[1]) == 135 + 108 + 10  # table1 stage 1, dynamics, curves
     assert gp.parse_shard("1/3") == (1, 3)
     for bad in ("3/3", "x", "1/0", "-1/2"):
         with pytest.raises(argparse.ArgumentTypeError, match="--shard"):
@@ -161,21 +161,22 @@ def test_shards_are_disjoint_and_complete(protocol, tmp_path, capsys):
 
 def test_priority_order(protocol):
     runs = gp.order_runs(gp.expand(protocol), protocol, "priority")
-    # dynamics first (its outcome chooses LoRA²'s defaults), MRPC before the other tasks
-    assert {r.group for r in runs[:27]} == {"dynamics"} and {r.task for r in runs[:9]} == {"mrpc"}
-    assert {r.group for r in runs[27:37]} == {"curves"}  # the learning curves fix table 1's budgets
-    stage1 = runs[37:142]
+    # dynamics seed 0 first (its outcome chooses LoRA²'s defaults), MRPC before the other tasks
+    assert {(r.group, r.seed) for r in runs[:36]} == {("dynamics", 0)} and {r.task for r in runs[:12]} == {"mrpc"}
+    assert {r.group for r in runs[36:46]} == {"curves"}  # the learning curves fix table 1's budgets
+    stage1 = runs[46:181]
     assert {r.stage for r in stage1} == {1}
-    assert [r.task for r in stage1][::21] == ["mrpc", "stsb", "cola", "rte", "sst2"]
-    assert {r.stage for r in runs[142:212]} == {2}
-    assert {r.group for r in runs[212:]} == {"orth", "targets", "importance"}
+    assert [r.task for r in stage1][::27] == ["mrpc", "stsb", "cola", "rte", "sst2"]
+    assert {(r.group, r.seed) for r in runs[181:253]} == {("dynamics", 1), ("dynamics", 2)}
+    assert {r.stage for r in runs[253:343]} == {2}
+    assert {r.group for r in runs[343:]} == {"orth", "targets", "importance"}
 
 
 def test_dry_run_prints_the_estimate(tmp_path, capsys):
     assert bench.main(["--results-dir", str(tmp_path), "run", "--dry-run", "--only", "table1", "--tasks", "mrpc"]) == 0
     out = capsys.readouterr().out
-    # 21 stage-1 runs now, 14 stage-2 runs later, 1150 steps at the protocol's 1.6 s/step
-    assert "estimate: 35 runs to train (21 now, 14 once their lr is chosen), 40,250 steps, about 17.9 CPU-hours" in out
+    # 27 stage-1 runs now, 18 stage-2 runs later, 1150 steps at the protocol's 1.6 s/step
+    assert "estimate: 45 runs to train (27 now, 18 once their lr is chosen), 51,750 steps, about 23.0 CPU-hours" in out
     assert "mrpc 1.60 (protocol)" in out
     assert not any(tmp_path.iterdir())
 
@@ -183,7 +184,7 @@ def test_dry_run_prints_the_estimate(tmp_path, capsys):
 def test_run_searches_lr_then_trains_stage_two_and_reuses(tmp_path, monkeypatch, protocol):
     calls = []
 
-    def fake_train(run, args, protocol, runs_dir, progress):
+    def fake_train(run, args, protocol, runs_dir, ns):
         calls.append((run.name, args["learning_rate"]))
         return fake(run.task, 0.6 + (run.lr or 0) * (run.variant != "head")), 1.0
 
@@ -194,7 +195,7 @@ def test_run_searches_lr_then_trains_stage_two_and_reuses(tmp_path, monkeypatch,
     assert calls == [("table1/mrpc-head-lr0.001-s0", 0.001)]
     assert bench.main(base) == 0
     names = [n for n, _ in calls]
-    assert len(names) == 21 + 14 + 4 and len(set(names)) == len(names)
+    assert len(names) == 27 + 18 + 4 and len(set(names)) == len(names)
     assert "orth/mrpc-all-s0" not in names  # copied, never trained
     assert {lr for n, lr in calls if n.startswith("table1/mrpc-lora2-s")} == {0.003}  # the best final
     assert {lr for n, lr in calls if n.startswith("table1/mrpc-head-s")} == {0.001}  # a tie: the smallest
@@ -242,12 +243,18 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(lora2.glue.run, "run_glue", lambda args: seen.append(args) or fake("rte", 0.5))
     protocol = {"save_steps": 100, "tasks": {"rte": {}}, "methods": {}, "groups": {}}
     run = gp.Run("g", "rte", "v", 0, args={"task": "rte", "method": "lora2"})
-    bench.train_one(run, dict(run.args), protocol, tmp_path, progress=False)
+    bench.train_one(run, dict(run.args), protocol, tmp_path, _ns())
     checkpoint = run.run_dir(tmp_path) / "checkpoint-200"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}", encoding="utf-8")  # a complete checkpoint's marker
-    bench.train_one(run, dict(run.args), protocol, tmp_path, progress=False)
+    bench.train_one(run, dict(run.args), protocol, tmp_path, _ns())
     assert [(a.save_steps, a.resume_from_checkpoint) for a in seen] == [(100, None), (100, "last")]
+    bench.train_one(run, dict(run.args), protocol, tmp_path, _ns(no_checkpoints=True, tf32=True))
+    assert (seen[-1].save_steps, seen[-1].resume_from_checkpoint, seen[-1].tf32) == (None, None, True)
+
+
+def _ns(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"progress": False, "no_checkpoints": False, "tf32": False, **kw})
 
 
 def _tiny(tmp_path: Path) -> tuple[dict, Path]:
@@ -301,7 +308,7 @@ def test_tables_show_partial_floor_lr_search_and_seed_counts(tmp_path):
 
 def test_real_protocol_tables_have_floor_and_ceiling_rows(tmp_path, protocol):
     text = glue_report.render_tables(protocol, tmp_path)
-    assert "**PARTIAL**: 0 of the 234 protocol runs have a result" in text
+    assert "**PARTIAL**: 0 of the 365 protocol runs have a result" in text
     table1 = text.split("## Table 1")[1].split("## ")[0]
     assert "| Head only (floor) | — |" in table1 and "| Full fine-tuning (ceiling) | — |" in table1
 
@@ -318,12 +325,110 @@ def test_plots_write_png_files(tmp_path):
     assert (steps, mean, low, high) == ([10, 20], pytest.approx([0.6, 0.8]), [0.5, 0.7], [0.7, 0.9])
 
 
-def test_committed_results_are_not_stale(protocol):
-    stale = [s.run.name for s in glue_plan.make_plan(protocol, bench.RESULTS_DIR).steps if s.note.startswith("stale")]
-    assert stale == []
+@pytest.mark.parametrize("results", ["glue_v2", "glue_v2_gpu"])
+def test_committed_results_are_not_stale(protocol, results):
+    plan = glue_plan.make_plan(protocol, bench.HERE / "results" / results)
+    assert [s.run.name for s in plan.steps if s.note.startswith("stale")] == []
+    assert sum(s.status == "done" for s in plan.steps) >= 9
 
 
 def test_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--help"])
     assert exit_.value.code == 0 and "python benchmarks/glue.py run" in capsys.readouterr().out
+
+
+def test_a_lora2_default_changes_no_other_methods_key(protocol):
+    """A run's key holds only the LoRA2Config options its method reads (lora2.glue.args.LORA2_OPTIONS_READ_BY)."""
+    args = {r.variant: r.args for r in gp.expand(protocol) if r.name.startswith("table1/mrpc-") and r.stage == 2
+            and r.seed == 1}
+    for variant in ("lora1", "head", "full", "bitfit", "adalora"):
+        assert gp.run_key({**args[variant], "init": "gaussian", "lam_lr_ratio": 3}) == gp.run_key(args[variant])
+    assert gp.run_key({**args["lora1"], "dropout": 0.1}) != gp.run_key(args["lora1"])
+    assert gp.run_key({**args["adalora"], "orth_reg_weight": 0.3}) != gp.run_key(args["adalora"])
+    assert gp.run_key({**args["lora2"], "lam_lr_ratio": 3}) != gp.run_key(args["lora2"])
+    assert gp.run_key({**args["lora2"], "init": "orthogonal", "lam_lr_ratio": 16}) == gp.run_key(args["lora2"])
+    assert gp.run_key(args["lora2_paper"]) != gp.run_key(args["lora2"])
+
+
+def test_claims_share_runs_between_workers(tmp_path, monkeypatch):
+    import glue_pool
+
+    run, other = gp.Run("g", "rte", "a", 0), gp.Run("g", "rte", "b", 0)
+    assert glue_pool.claim(run, tmp_path) and not glue_pool.in_progress(tmp_path / "none")
+    assert glue_pool.in_progress(tmp_path)
+    assert glue_pool.claim(run, tmp_path)  # this process's own claim (a retry in the same worker)
+    path = tmp_path / "g" / "rte-a-s0.claim"
+    host = path.read_text().split()[0]
+    path.write_text(f"{host} 1")  # pid 1 is alive: another worker holds it
+    assert not glue_pool.claim(run, tmp_path)
+    path.write_text("elsewhere 123")  # a worker of another host: never taken over
+    assert not glue_pool.claim(run, tmp_path)
+    path.write_text(f"{host} 999999999")  # a dead worker's claim is taken over
+    assert glue_pool.claim(run, tmp_path)
+    glue_pool.release(run, tmp_path)
+    assert not path.exists() and not glue_pool.in_progress(tmp_path)
+    assert glue_pool.claim(other, tmp_path)
+    glue_pool.release(other, tmp_path, error="RuntimeError: boom")
+    assert (tmp_path / "g" / "rte-b-s0.failed").read_text() == "RuntimeError: boom\n"
+    assert not glue_pool.claim(other, tmp_path)  # failed while this process ran: the other workers stay off
+    monkeypatch.setattr(glue_pool, "_STARTED", glue_pool.time.time() + 60)  # a later sitting retries it
+    assert glue_pool.claim(other, tmp_path)
+
+
+def test_claiming_workers_train_each_run_once_and_wait_for_stage_one(tmp_path, monkeypatch, protocol):
+    calls = []
+
+    def fake_train(run, args, protocol, runs_dir, ns):
+        assert (run_dir := runs_dir / run.group / f"{run.run_id}.claim").is_file(), run_dir  # held while training
+        calls.append(run.name)
+        return fake(run.task, 0.6 + (run.lr or 0)), 1.0
+
+    monkeypatch.setattr(bench, "train_one", fake_train)
+    base = ["--results-dir", str(tmp_path), "run", "--runs-dir", str(tmp_path / "runs"), "--tasks", "mrpc",
+            "--only", "table1", "--order", "priority", "--no-tables", "--claim", "--wait", "--poll", "0.01"]
+    assert bench.main([*base, "--max-runs", "5"]) == 0  # worker 1 stops after 5 runs
+    assert bench.main(base) == 0  # worker 2 takes the rest; stage 2 unlocks as stage 1 completes
+    assert len(calls) == 27 + 18 and len(set(calls)) == len(calls)
+    assert not list((tmp_path / "runs").glob("*/*.claim"))
+    calls.clear()
+    stop = [*base, "--stop-after", "0"]
+    for f in (tmp_path / "table1").glob("*-s2.json"):
+        f.unlink()
+    assert bench.main(stop) == 0 and calls == []  # --stop-after: no new run starts
+
+
+def test_a_waiting_worker_ends_when_no_run_is_in_progress(tmp_path, monkeypatch):
+    """Stage 2 can never unlock when its stage 1 failed and nobody holds a claim: --wait must not spin forever."""
+    import lora2.glue.run
+
+    protocol = {"name": "tiny", "tasks": {"rte": {"max_steps": 5}},
+                "methods": {"m": {"args": {"method": "lora2"}, "lr_grid": [0.001]}},
+                "groups": {"g": {"tasks": ["rte"], "seeds": [0, 1], "learning_rate": "search",
+                                 "variants": {"a": {"method": "m"}}}}}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(protocol), encoding="utf-8")
+    monkeypatch.setattr(lora2.glue.run, "run_glue", lambda args: (_ for _ in ()).throw(RuntimeError("boom")))
+    argv = ["--protocol", str(path), "--results-dir", str(tmp_path / "res"), "run", "--runs-dir", str(tmp_path / "r"),
+            "--claim", "--wait", "--poll", "0.01", "--no-tables"]
+    assert bench.main(argv) == 1
+    assert (tmp_path / "r" / "g" / "rte-a-lr0.001-s0.failed").is_file()
+
+
+def test_worker_pool_starts_workers_and_stops_them_at_the_deadline(tmp_path, capsys):
+    import glue_pool
+
+    assert glue_pool._worker_argv(["--results-dir", "x", "run", "--workers", "3", "--kill-after=9", "--tf32"], 0) == \
+        ["--results-dir", "x", "run", "--tf32", "--claim", "--wait", "--no-tables"]
+    script = tmp_path / "worker.py"
+    script.write_text("import sys, time\nif '--stop-after' in sys.argv:\n    time.sleep(60)\n", encoding="utf-8")
+    ns = argparse.Namespace(workers=2, shard=None, runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path),
+                            kill_after=None)
+    assert glue_pool.run_workers(ns, ["run"], script) == 0  # both workers end by themselves
+    ns.kill_after = 1.0
+    start = glue_pool.time.monotonic()
+    assert glue_pool.run_workers(ns, ["run", "--stop-after", "5"], script) == 1  # stopped: not a clean end
+    assert glue_pool.time.monotonic() - start < 20
+    out = capsys.readouterr().out
+    assert "2 workers started" in out and "--kill-after 1 s: stopping the workers." in out
+    assert sorted(p.name for p in (tmp_path / "runs" / "workers").iterdir()) == ["worker-0.log", "worker-1.log"]

@@ -9,12 +9,15 @@ import pytest
 from lora2 import LoRA2Config
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_papers_but_init_and_lam_lr_ratio():
     cfg = LoRA2Config()
     assert (cfg.k, cfg.r, cfg.alpha, cfg.beta1, cfg.beta2, cfg.importance) == (1, 8, 32.0, 0.85, 0.85, "reduced")
     assert cfg.orth_terms == ["uv", "UV", "PQ"]
     assert cfg.scaling == 4.0
-    assert (cfg.pq_form, cfg.lam_lr_ratio, cfg.scaling_rule) == ("literal", 1.0, "alpha/r")  # the spec's
+    assert (cfg.pq_form, cfg.scaling_rule) == ("literal", "alpha/r")  # the spec's
+    assert (cfg.init, cfg.lam_lr_ratio) == ("orthogonal", 16.0)  # chosen by measurement (method.md §11)
+    paper = LoRA2Config(init="gaussian", lam_lr_ratio=1)
+    assert (paper.init, paper.lam_lr_ratio, paper.init_std) == ("gaussian", 1.0, 0.02)
 
 
 @pytest.mark.parametrize(

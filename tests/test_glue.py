@@ -143,6 +143,8 @@ def test_cli_runs_every_method(method, tmp_path, tiny_model_dir, glue_dir):
         unchanged = method == "bitfit" or (method == "sora" and sum(results["active_ranks"].values()) == 0)
         assert (norms[-1]["max"] == 0) == unchanged
     assert results["steps_per_s"] > 0 and results["peak_memory_mb"] > 0
+    assert (results["device"], results["tf32"]) == ("cpu", False)  # --tf32 is a GPU setting, recorded as off here
+    assert results["environment"]["transformers"] and results["environment"]["gpu"] is None
 
 
 def test_metrics_follow_the_glue_definitions():
@@ -304,7 +306,7 @@ def _lora2_step_grad_norm(orth_clip: str, clip: float) -> tuple[float, float]:
     from .conftest import BERT_TARGETS, tiny_bert
 
     args = GlueArgs(task="rte", target_modules=",".join(BERT_TARGETS), orth_clip=orth_clip,
-                    lora2={"init_warmup": 2, "final_warmup": 2, "orth_reg_weight": 0.5})
+                    lora2={"init_warmup": 2, "final_warmup": 2, "orth_reg_weight": 0.5, "init": "gaussian"})
     method = build_method(args, tiny_bert(), total_steps=10)
     method.model.train()
     optimizer = torch.optim.SGD(method.trainable(), lr=0.0)

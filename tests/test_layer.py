@@ -48,11 +48,15 @@ def test_forward_equals_dense_formula(kind):
 def test_output_equals_base_at_initialisation(kind):
     torch.manual_seed(0)
     base = nn.Linear(D_IN, D_OUT) if kind == "linear" else Conv1D(D_OUT, D_IN)
-    layer = LoRA2Layer(base, k=K, r=R, alpha=16.0)
+    layer = LoRA2Layer(base, k=K, r=R, alpha=16.0, init="gaussian")
     x = torch.randn(4, D_IN)
     assert torch.equal(layer(x), base(x))
     assert torch.count_nonzero(layer.get_delta_weight()) == 0
     assert layer.p_outer.std().item() == pytest.approx(0.02, rel=0.3)
+    default = LoRA2Layer(base, k=K, r=R, alpha=16.0)  # orthogonal: Δ = 0 too, since lam starts at 0
+    assert torch.equal(default(x), base(x)) and torch.count_nonzero(default.get_delta_weight()) == 0
+    gram = default.p_outer.T @ default.p_outer
+    assert torch.allclose(gram, torch.eye(K), atol=1e-5)
 
 
 @pytest.mark.parametrize("k,r", [(1, 8), (3, 6), (8, 4)])

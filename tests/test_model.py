@@ -244,12 +244,14 @@ def test_factor_init_reaches_every_layer_through_the_wrappers():
 
     cfg = dict(k=2, r=4, target_modules=BERT_TARGETS, total_step=100, init_warmup=10, final_warmup=10)
     assert _max_gram_error(get_lora2_model(tiny_bert(), LoRA2Config(init="orthogonal", **cfg))) < 1e-6
-    assert _max_gram_error(get_lora2_model(tiny_bert(), LoRA2Config(**cfg))) > 0.5  # Gaussian, std 0.02
+    assert _max_gram_error(get_lora2_model(tiny_bert(), LoRA2Config(**cfg))) < 1e-6  # the default
+    assert _max_gram_error(get_lora2_model(tiny_bert(), LoRA2Config(init="gaussian", **cfg))) > 0.5  # std 0.02
     glue = dict(task="rte", target_modules=",".join(BERT_TARGETS))
     handle = build_method(GlueArgs(**glue, lora2=dict(k=2, r=4, init="orthogonal", init_warmup=10, final_warmup=10)),
                           tiny_bert(), total_steps=100)
     assert _max_gram_error(handle.model) < 1e-6
-    wide = build_method(GlueArgs(**glue, lora2=dict(k=2, r=4, init_std=0.5, init_warmup=10, final_warmup=10)),
+    wide = build_method(GlueArgs(**glue, lora2=dict(k=2, r=4, init="gaussian", init_std=0.5, init_warmup=10,
+                                                    final_warmup=10)),
                         tiny_bert(), total_steps=100)
     stds = [layer.p_outer.std().item() for layer in wide.model.lora2_layers.values()]
     assert 0.35 < sum(stds) / len(stds) < 0.65

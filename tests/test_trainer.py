@@ -30,7 +30,8 @@ class ToyDataset(torch.utils.data.Dataset):
 
 
 def lora2_model():
-    cfg = LoRA2Config(k=2, r=4, target_rank=1, init_warmup=4, final_warmup=8, mask_interval=2,
+    """One learning rate (lam_lr_ratio=1), so a plain Trainer's optimizer is accepted."""
+    cfg = LoRA2Config(k=2, r=4, target_rank=1, init_warmup=4, final_warmup=8, mask_interval=2, lam_lr_ratio=1.0,
                       target_modules=BERT_TARGETS, modules_to_save=["classifier"])
     return get_lora2_model(tiny_bert(), cfg)
 
@@ -234,6 +235,12 @@ def test_plain_trainer_must_be_given_the_groups_for_a_lam_ratio(tmp_path):
     with pytest.raises(ValueError, match=r"lam_lr_ratio=8\.0.*optimizer_param_groups"):
         plain.train()
     assert model.allocator.num_updates == 0
+    default = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_rank=1, init_warmup=4, final_warmup=8,
+                                                       target_modules=BERT_TARGETS, modules_to_save=["classifier"]))
+    plain = Trainer(model=default, args=args(tmp_path, save_strategy="no", max_steps=16), train_dataset=ToyDataset(),
+                    callbacks=[LoRA2Callback()])
+    with pytest.raises(ValueError, match=r"lam_lr_ratio=16\.0.*LoRA2Trainer"):  # the default ratio is never dropped
+        plain.train()
     model = ratio_model(8.0)
     optimizer = torch.optim.AdamW(model.optimizer_param_groups(5e-3))
     given = Trainer(model=model, args=args(tmp_path, save_strategy="no", max_steps=16), train_dataset=ToyDataset(),

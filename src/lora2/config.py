@@ -50,7 +50,11 @@ class LoRA2Config:
     values per matrix, ``init_warmup``/``final_warmup``/``mask_interval`` are t_init/t_final/Δt,
     ``orth_reg_weight`` is γ.
 
-    Training-dynamics options (defaults = the paper's settings): ``pq_form`` picks the R_PQ term ('literal',
+    Two defaults depart from the paper, chosen by measured training dynamics (method.md §11): ``init``
+    ('orthogonal'; the paper's is 'gaussian') and ``lam_lr_ratio`` (16; the paper's is 1). The paper's
+    settings are ``LoRA2Config(init="gaussian", lam_lr_ratio=1)``.
+
+    Training-dynamics options: ``pq_form`` picks the R_PQ term ('literal',
     method.md §3, or 'rank', whose minimum 0 is reachable when k < r); ``lam_lr_ratio`` trains lam at
     lr × ratio (LoRA+-style, through ``LoRA2Model.optimizer_param_groups`` and ``LoRA2Trainer``);
     ``scaling_rule`` picks the scale s of the update ('alpha/r', 'alpha/k' or 'alpha/sqrt(r)').
@@ -61,11 +65,13 @@ class LoRA2Config:
     alpha: float = field(default=32.0, metadata={"help": "Scaling numerator α: the update is scaled by s = alpha / r "
                                                  "(or as scaling_rule says)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
-    init_std: float = field(default=0.02, metadata={"help": "Std of the Gaussian init of the four factors."})
+    init_std: float = field(default=0.02, metadata={"help": "Std of the Gaussian init of the four factors "
+                                                    "(init='gaussian' only)."})
     init: str = field(
-        default="gaussian",
-        metadata={"help": "Factor init: 'gaussian' (N(0, init_std²), the paper's default) or 'orthogonal' "
-                  "(semi-orthonormal factors, the regulariser's target; lam = 0 either way, so Δ = 0 at step 0).",
+        default="orthogonal",
+        metadata={"help": "Factor init: 'orthogonal' (default: semi-orthonormal factors, the regulariser's target) or "
+                  "'gaussian' (N(0, init_std²), the paper's); lam = 0 either way, so Δ = 0 at step 0. The paper's "
+                  "settings: init='gaussian', lam_lr_ratio=1.",
                   "choices": list(FACTOR_INITS)},
     )
     target_modules: list[str] | str | None = field(
@@ -112,10 +118,11 @@ class LoRA2Config:
                   "per term. Same k×k cost.", "choices": list(PQ_FORMS)},
     )
     lam_lr_ratio: float = field(
-        default=1.0,
+        default=16.0,
         metadata={"help": "Learning-rate multiplier for lam, the singular values (LoRA+-style, > 0): lam trains at "
                   "lr × lam_lr_ratio, every other parameter at lr. Used by LoRA2Model.optimizer_param_groups() and "
-                  "LoRA2Trainer; 1.0 (default) = one learning rate."},
+                  "LoRA2Trainer (an optimizer built otherwise is refused by LoRA2Callback); 1.0 = one learning "
+                  "rate, as in the paper."},
     )
     scaling_rule: str = field(
         default="alpha/r",

@@ -42,7 +42,7 @@ def effective_rank_of_factors(f: Mapping[str, torch.Tensor], scaling: float = 1.
 class LoRA2Layer(nn.Module):
     """A frozen linear map plus the LoRA² update ``s · x (P Λ Q)``."""
 
-    def reset_factors(self, init: str = "gaussian", init_std: float = 0.02) -> None:
+    def reset_factors(self, init: str = "orthogonal", init_std: float = 0.02) -> None:
         """Initialise the four factors; ``lam`` is left at zero so the update starts at Δ = 0.
 
         ``gaussian`` is the paper's N(0, init_std²). ``orthogonal`` starts each factor where the
@@ -61,7 +61,7 @@ class LoRA2Layer(nn.Module):
                     raise ValueError(f"Unknown LoRA² factor init {init!r}; use 'gaussian' or 'orthogonal'.")
 
     def __init__(self, base_layer: nn.Module, k: int, r: int, alpha: float, dropout: float = 0.0,
-                 init_std: float = 0.02, init: str = "gaussian", scaling: float | None = None) -> None:
+                 init_std: float = 0.02, init: str = "orthogonal", scaling: float | None = None) -> None:
         """``scaling`` is s; None gives the paper's alpha / r (``LoRA2Model`` passes ``LoRA2Config.scaling``)."""
         super().__init__()
         d_in, d_out, self.fan_in_fan_out = base_shape(base_layer)

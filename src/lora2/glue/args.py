@@ -22,6 +22,12 @@ DEFAULT_LR = {"lora2": 1e-3, "lora": 5e-4, "adalora": 1e-3, "sora": 1e-3, "bitfi
 INIT_WARMUP_FRACTION, FINAL_WARMUP_FRACTION = 0.15, 0.45
 # LoRA2Config fields the pipeline sets itself (targets and head come from the model, T from the run).
 PIPELINE_OWNED = ("target_modules", "modules_to_save", "total_step")
+# The LoRA2Config options each other method reads (lora2 reads them all; GlueArgs.lora2_settings resolves them):
+# only these belong to such a run's identity, so a LoRA² default can change without touching other runs.
+LORA2_OPTIONS_READ_BY = {
+    "lora": ("dropout",), "sora": ("dropout",), "head": (), "bitfit": (), "full": (),
+    "adalora": ("dropout", "init_warmup", "final_warmup", "mask_interval", "beta1", "beta2", "orth_reg_weight"),
+}
 
 
 def lora2_option_fields() -> list[dataclasses.Field]:
