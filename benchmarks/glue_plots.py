@@ -35,8 +35,14 @@ def band(series: list[Series]) -> tuple[list[int], list[float], list[float], lis
     return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
-def _figure(curves: list[tuple[str, str, list[Series]]], title: str, ylabel: str, log: bool, path: Path) -> bool:
-    """One line with a min–max band per (label, color, series) curve; False (no file) when no curve has a point."""
+def style(index: int) -> dict[str, str]:
+    """A variant's line style: ten colors, then the same colors dashed (the dynamics group has 12 variants)."""
+    return {"color": f"C{index % 10}", "linestyle": "-" if index < 10 else "--"}
+
+
+def _figure(curves: list[tuple[str, dict[str, str], list[Series]]], title: str, ylabel: str, log: bool,
+            path: Path) -> bool:
+    """One line with a min–max band per (label, style, series) curve; False (no file) when no curve has a point."""
     curves = [c for c in curves if band(c[2])[0]]
     if not curves:
         return False
@@ -47,17 +53,17 @@ def _figure(curves: list[tuple[str, str, list[Series]]], title: str, ylabel: str
 
     from lora2.persistence import atomic_write
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, color, series in curves:
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    for label, line, series in curves:
         steps, mean, low, high = band(series)
-        ax.plot(steps, mean, color=color, marker="." if len(steps) < 30 else None, label=f"{label} (n={len(series)})")
+        ax.plot(steps, mean, **line, marker="." if len(steps) < 30 else None, label=f"{label} (n={len(series)})")
         if len(series) > 1:
-            ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
+            ax.fill_between(steps, low, high, color=line["color"], alpha=0.2, linewidth=0)
     if log:
         ax.set_yscale("log")
     ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the lines, never over them
     fig.tight_layout()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
@@ -73,13 +79,13 @@ def write_plots(protocol: dict[str, Any], plan: Plan, out_dir: Path) -> list[Pat
         if not group.get("plots"):
             continue
         for task in group["tasks"]:
-            cells = [(variant_label(protocol, group_name, v), f"C{i}", plan.cell(group_name, v, task))
+            cells = [(variant_label(protocol, group_name, v), style(i), plan.cell(group_name, v, task))
                      for i, v in enumerate(group["variants"])]  # a variant keeps its color across figures
             task_label = protocol["tasks"][task].get("label", task)
             figures = (("metric", metric_series, f"dev {task_label}", False),
                        ("update-norms", norm_series, "median ‖ΔW‖ / ‖W0‖", True))
             for suffix, series_of, ylabel, log in figures:
-                curves = [(label, color, [s for s in map(series_of, results) if s]) for label, color, results in cells]
+                curves = [(label, line, [s for s in map(series_of, results) if s]) for label, line, results in cells]
                 path = Path(out_dir) / f"{group_name}-{task}-{suffix}.png"
                 if _figure(curves, f"{group_name}: {task_label}", ylabel, log, path):
                     written.append(path)
