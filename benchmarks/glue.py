@@ -167,7 +167,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         if ns.max_runs is not None and len(attempted) >= ns.max_runs:
             break
         step = next((s for s in steps if s.status == "todo" and s.run.name not in attempted
-                     and (not ns.claim or glue_pool.claim(s.run, runs_dir))), None)
+                     and (not ns.claim or glue_pool.take(s.run, runs_dir, results_dir))), None)
         if step is None:
             if ns.wait and any(s.status == "waiting" for s in steps) and (not ns.claim or glue_pool.in_progress(runs_dir)):
                 # stage 2 waits for other workers' stage 1
@@ -246,13 +246,14 @@ def _csv(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python benchmarks/glue.py", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python benchmarks/glue.py", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--protocol", default=str(PROTOCOL), help="Protocol JSON (default: %(default)s).")
     ap.add_argument("--results-dir", default=str(RESULTS_DIR),
                     help="Result files, tables.md and plots/ (default: %(default)s).")
     sub = ap.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="Train the protocol's runs that have no result file and can train now.")
+    run = sub.add_parser("run", help="Train the protocol's runs that have no result file and can train now.",
+                         allow_abbrev=False)
     run.add_argument("--only", type=_csv, help="Comma-separated groups (table1, dynamics, orth, targets, importance).")
     run.add_argument("--tasks", type=_csv, help="Comma-separated tasks.")
     run.add_argument("--seeds", type=lambda t: [int(s) for s in _csv(t)], help="Comma-separated seeds.")
@@ -272,8 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_args(argv)
     if ns.command == "run" and ns.max_runs is not None and ns.max_runs < 0:
         ap.error("--max-runs must be >= 0")
+    if ns.command == "run" and ns.wait and not (ns.claim or ns.workers):
+        ap.error("--wait needs --claim (or --workers): without claims nothing tells whether a waiting run can unlock")
+    if ns.command == "run" and ns.claim and ns.shard is not None:
+        ap.error("--claim and --shard exclude each other: claiming workers share every run")
     if ns.command == "run" and ns.workers:
-        return glue_pool.run_workers(ns, sys.argv[1:] if argv is None else argv, Path(__file__))
+        code = glue_pool.run_workers(ns, sys.argv[1:] if argv is None else argv, Path(__file__))
+        if not ns.no_tables:
+            print(f"tables: {_write_report(load_protocol(ns.protocol), ns, plots=True)}")
+        return code
     return {"run": cmd_run, "tables": cmd_tables, "plots": cmd_plots}[ns.command](ns)
 
 

@@ -23,11 +23,13 @@ from glue_protocol import Run
 def add_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--workers", type=int, default=0,
                      help="Start N worker processes that share the runs by claim files (implies --claim --wait); "
-                          "their logs go to <runs-dir>/workers/. For a GPU: several runs at once on one card.")
+                          "their logs go to <runs-dir>/workers/. For a GPU: several runs at once on one card. "
+                          "--max-runs then applies to each worker.")
     run.add_argument("--claim", action="store_true",
                      help="Take runs by claim files in --runs-dir (workers of one machine sharing a sweep).")
     run.add_argument("--wait", action="store_true",
-                     help="When only waiting runs are left (stage 2 before its lr is chosen), poll instead of ending.")
+                     help="With --claim: when only waiting runs are left (stage 2 before its lr is chosen) and another "
+                          "worker is training, poll instead of ending.")
     run.add_argument("--poll", type=float, default=5.0, help="Seconds between polls with --wait (default 5).")
     run.add_argument("--stop-after", type=float,
                      help="Start no new run after this many seconds (runs in progress finish).")
@@ -53,7 +55,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_STARTED = time.time()
+# When this sitting started: a worker's parent passes its own start, so a run that failed in a sibling worker
+# before this worker started is still not retried in the same sitting.
+_STARTED = float(os.environ.get("LORA2_POOL_STARTED", time.time()))
+STALE_S = 6 * 3600  # a claim of another host (or an unreadable one) older than this is abandoned
+
+
+def _holder(path: Path) -> tuple[str, int] | None:
+    try:
+        host, pid = path.read_text().split()
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
+
+
+def _live(path: Path) -> bool:
+    """Whether the claim's worker may still be training: alive on this host, or recent elsewhere."""
+    holder = _holder(path)
+    if holder is not None and holder[0] == socket.gethostname():
+        return _alive(holder[1])
+    try:
+        return time.time() - path.stat().st_mtime < STALE_S
+    except OSError:
+        return False
 
 
 def claim(run: Run, runs_dir: Path) -> bool:
@@ -64,23 +88,31 @@ def claim(run: Run, runs_dir: Path) -> bool:
     failed = path.with_suffix(".failed")
     if failed.exists() and failed.stat().st_mtime >= _STARTED:
         return False
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp.write_text(f"{socket.gethostname()} {os.getpid()}")  # complete before it becomes the claim
+    try:
+        for _ in range(2):
             try:
-                host, pid = path.read_text().split()
-            except (OSError, ValueError):
-                return False  # being written by its worker right now
-            if host != socket.gethostname() or (_alive(int(pid)) and int(pid) != os.getpid()):
-                return False
-            path.unlink(missing_ok=True)  # a dead worker's (or this process's earlier) claim
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return True
-    return False
+                os.link(tmp, path)  # atomic and exclusive: fails when the claim exists
+            except FileExistsError:
+                if _holder(path) != (socket.gethostname(), os.getpid()) and _live(path):
+                    return False
+                path.unlink(missing_ok=True)  # a dead or abandoned worker's (or this process's earlier) claim
+                continue
+            return True
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def take(run: Run, runs_dir: Path, results_dir: Path) -> bool:
+    """Claim the run unless it has finished meanwhile (its worker writes the result, then drops the claim)."""
+    if not claim(run, runs_dir):
+        return False
+    if run.result_path(results_dir).exists():
+        release(run, runs_dir)
+        return False
+    return True
 
 
 def release(run: Run, runs_dir: Path, error: str | None = None) -> None:
@@ -92,8 +124,8 @@ def release(run: Run, runs_dir: Path, error: str | None = None) -> None:
 
 
 def in_progress(runs_dir: Path) -> bool:
-    """Whether any worker holds a claim: only then can a waiting run still be unlocked."""
-    return any(Path(runs_dir).glob("*/*.claim"))
+    """Whether a live worker holds a claim: only then can a waiting run still be unlocked."""
+    return any(_live(path) for path in Path(runs_dir).glob("*/*.claim"))
 
 
 def _worker_argv(argv: list[str], index: int) -> list[str]:
@@ -109,7 +141,7 @@ def _worker_argv(argv: list[str], index: int) -> list[str]:
         if arg.startswith(("--workers=", "--kill-after=")):
             continue
         out.append(arg)
-    return [*out, "--claim", "--wait", "--no-tables"]
+    return [*out, "--claim", "--wait", "--no-tables", "--workers", "0"]  # a worker never starts workers
 
 
 def _count(results_dir: Path) -> int:
@@ -124,32 +156,35 @@ def run_workers(ns: argparse.Namespace, argv: list[str], script: Path) -> int:
         raise SystemExit("--workers and --shard exclude each other: workers share the runs by claim files.")
     log_dir = Path(ns.runs_dir) / "workers"
     log_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for i in range(ns.workers):
-        log = open(log_dir / f"worker-{i}.log", "a", encoding="utf-8")
-        procs.append(subprocess.Popen([sys.executable, str(script), *_worker_argv(argv, i)], stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
-        time.sleep(0.5)  # staggered: the first claims go in priority order
-    start, before, last = time.monotonic(), _count(ns.results_dir), 0.0
-    print(f"{ns.workers} workers started; logs in {log_dir}; {before} result files.", flush=True)
+    procs: list[subprocess.Popen] = []
+    env = {**os.environ, "LORA2_POOL_STARTED": repr(time.time())}
 
     def stop(*_: object) -> None:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(143)))
-    while any(p.poll() is None for p in procs):
-        elapsed = time.monotonic() - start
-        if ns.kill_after is not None and elapsed > ns.kill_after:
-            print(f"--kill-after {ns.kill_after:g} s: stopping the workers.", flush=True)
-            stop()
-            break
-        if elapsed - last >= 30:
-            last = elapsed
-            print(f"[{elapsed:5.0f} s] {_count(ns.results_dir) - before} new result files, "
-                  f"{sum(p.poll() is None for p in procs)} workers running", flush=True)
-        time.sleep(1)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # the finally below stops the workers
+    start, before, last = time.monotonic(), _count(ns.results_dir), 0.0
+    try:
+        for i in range(ns.workers):
+            log = open(log_dir / f"worker-{i}.log", "a", encoding="utf-8")
+            procs.append(subprocess.Popen([sys.executable, str(script), *_worker_argv(argv, i)], stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True, env=env))
+            time.sleep(0.5)  # staggered: the first claims go in priority order
+        print(f"{ns.workers} workers started; logs in {log_dir}; {before} result files.", flush=True)
+        while any(p.poll() is None for p in procs):
+            elapsed = time.monotonic() - start
+            if ns.kill_after is not None and elapsed > ns.kill_after:
+                print(f"--kill-after {ns.kill_after:g} s: stopping the workers.", flush=True)
+                break
+            if elapsed - last >= 30:
+                last = elapsed
+                print(f"[{elapsed:5.0f} s] {_count(ns.results_dir) - before} new result files, "
+                      f"{sum(p.poll() is None for p in procs)} workers running", flush=True)
+            time.sleep(1)
+    finally:  # Ctrl-C, SIGTERM or the deadline: never leave workers on the GPU (they have their own sessions)
+        stop()
     for p in procs:
         try:
             p.wait(timeout=30)

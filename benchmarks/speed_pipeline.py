@@ -57,7 +57,8 @@ def run_bare(args: GlueArgs, p: PreparedRun) -> None:
     model, loader = p.method.model, p.train_loader
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.learning_rate_or_default())
+    lr = args.learning_rate_or_default()
+    opt = torch.optim.AdamW(p.method.param_groups(lr, args.weight_decay), lr=lr)  # λ at its ratio, as the pipeline
     allocate = getattr(model, "update_and_allocate", None)  # LoRA²'s allocator; PEFT LoRA has none
     step = 0
     while step < args.max_steps:

@@ -365,6 +365,20 @@ def test_claims_share_runs_between_workers(tmp_path, monkeypatch):
     path.write_text("elsewhere 123")  # a worker of another host: never taken over
     assert not glue_pool.claim(run, tmp_path)
     path.write_text(f"{host} 999999999")  # a dead worker's claim is taken over
+    assert not glue_pool.in_progress(tmp_path)  # nobody alive holds it: a waiting worker need not wait for it
+    assert glue_pool.claim(run, tmp_path)
+    path.write_text("elsewhere 123")
+    old = glue_pool.time.time() - glue_pool.STALE_S - 60
+    glue_pool.os.utime(path, (old, old))  # another host's claim, abandoned long ago
+    assert not glue_pool.in_progress(tmp_path) and glue_pool.claim(run, tmp_path)
+    assert not list((tmp_path / "g").glob("*.tmp"))
+    result = run.result_path(tmp_path / "res")
+    result.parent.mkdir(parents=True)
+    result.write_text("{}")  # finished by another worker between its plan and this claim: not trained again
+    glue_pool.release(run, tmp_path)
+    assert not glue_pool.take(run, tmp_path, tmp_path / "res") and not path.exists()
+    assert glue_pool.take(other, tmp_path, tmp_path / "res")
+    glue_pool.release(other, tmp_path)
     assert glue_pool.claim(run, tmp_path)
     glue_pool.release(run, tmp_path)
     assert not path.exists() and not glue_pool.in_progress(tmp_path)
@@ -398,6 +412,31 @@ def test_claiming_workers_train_each_run_once_and_wait_for_stage_one(tmp_path, m
     assert bench.main(stop) == 0 and calls == []  # --stop-after: no new run starts
 
 
+def test_wait_needs_claims_and_claims_exclude_shards(tmp_path, capsys):
+    for extra in (["--wait"], ["--claim", "--shard", "0/2"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--results-dir", str(tmp_path), "run", *extra])
+    err = capsys.readouterr().err
+    assert "--wait needs --claim" in err and "--claim and --shard exclude each other" in err
+    with pytest.raises(SystemExit):  # no abbreviations: "--work 3" in a worker's argv would start workers
+        bench.main(["--results-dir", str(tmp_path), "run", "--work", "3"])
+
+
+def test_committed_lora2_results_trained_with_the_settings_their_args_name():
+    """Keys are recomputed with today's defaults; each LoRA² result's recorded settings must agree with them."""
+    from lora2.config import LoRA2Config
+
+    default = LoRA2Config()
+    for results in ("glue_v2", "glue_v2_gpu"):
+        for path in (bench.HERE / "results" / results).glob("*/*.json"):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("method") != "lora2":
+                continue
+            trained, args = data["hyperparameters"]["lora2"], data["benchmark"]["args"]
+            assert trained["init"] == args.get("init", default.init), path
+            assert (trained.get("lam_lr_ratio") or 1.0) == args.get("lam_lr_ratio", default.lam_lr_ratio), path
+
+
 def test_a_waiting_worker_ends_when_no_run_is_in_progress(tmp_path, monkeypatch):
     """Stage 2 can never unlock when its stage 1 failed and nobody holds a claim: --wait must not spin forever."""
     import lora2.glue.run
@@ -419,7 +458,7 @@ def test_worker_pool_starts_workers_and_stops_them_at_the_deadline(tmp_path, cap
     import glue_pool
 
     assert glue_pool._worker_argv(["--results-dir", "x", "run", "--workers", "3", "--kill-after=9", "--tf32"], 0) == \
-        ["--results-dir", "x", "run", "--tf32", "--claim", "--wait", "--no-tables"]
+        ["--results-dir", "x", "run", "--tf32", "--claim", "--wait", "--no-tables", "--workers", "0"]
     script = tmp_path / "worker.py"
     script.write_text("import sys, time\nif '--stop-after' in sys.argv:\n    time.sleep(60)\n", encoding="utf-8")
     ns = argparse.Namespace(workers=2, shard=None, runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path),

@@ -1,6 +1,6 @@
 """lora2: LoRA² — multi-scale orthogonal low-rank adaptation with importance-driven rank pruning."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .allocator import RankAllocator
 from .config import LoRA2Config

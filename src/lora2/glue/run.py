@@ -172,7 +172,8 @@ def prepare_run(args: GlueArgs) -> PreparedRun:
                             logging_steps=args.logging_steps, max_grad_norm=args.max_grad_norm,
                             save_steps=args.save_steps, save_total_limit=args.save_total_limit,
                             progress=not args.no_progress, description=f"{task.name} {args.method}",
-                            identity={k: v for k, v in args.flat().items() if k not in NOT_IDENTITY})
+                            identity={**{k: v for k, v in args.flat().items() if k not in NOT_IDENTITY},
+                                      **args.lora2_settings(total_steps)})  # resolved: a changed default counts
     return PreparedRun(task, method, train_loader, eval_loaders, gen, optimizer, scheduler, settings, lr, warmup,
                        model_path, len(train_set), device)
 
