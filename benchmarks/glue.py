@@ -2,7 +2,7 @@
 Table 4, reduced vs full importance) plus LoRA² training dynamics, on a CPU, over as many sittings as it takes.
 
     python benchmarks/glue.py run [--order protocol|priority] [--only G,...] [--tasks T,...] [--seeds S,...]
-                                  [--max-runs N] [--shard I/N] [--dry-run] [--progress] [--no-tables]
+                                  [--variants V,...] [--max-runs N] [--shard I/N] [--workers N] [--dry-run] ...
     python benchmarks/glue.py tables      # results/glue_v2/tables.md, and the plots
     python benchmarks/glue.py plots       # results/glue_v2/plots/*.png
 
@@ -112,7 +112,7 @@ def invalid(args: dict[str, Any]) -> str | None:
 
 def _view(plan: Plan, ns: argparse.Namespace, protocol: dict[str, Any]) -> list[Step]:
     """The plan's steps this worker sees: filtered, ordered, and (sharded) only its own runs to train."""
-    runs = order_runs(select(expand(protocol), protocol, ns.only, ns.tasks, ns.seeds), protocol, ns.order)
+    runs = order_runs(select(expand(protocol), protocol, ns.only, ns.tasks, ns.seeds, ns.variants), protocol, ns.order)
     by_name = {s.run.name: s for s in plan.steps}
     steps = [by_name[r.name] for r in runs]
     if ns.shard is None or ns.claim:
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", type=_csv, help="Comma-separated groups (table1, dynamics, orth, targets, importance).")
     run.add_argument("--tasks", type=_csv, help="Comma-separated tasks.")
     run.add_argument("--seeds", type=lambda t: [int(s) for s in _csv(t)], help="Comma-separated seeds.")
+    run.add_argument("--variants", type=_csv, help="Comma-separated variants (e.g. lora2,lora1).")
     run.add_argument("--order", choices=["protocol", "priority"], default="protocol",
                      help="protocol: as the file lists them; priority: by the protocol's 'priority' rules.")
     run.add_argument("--max-runs", type=int, help="Train at most N runs, then stop (reused results do not count).")

@@ -159,14 +159,18 @@ def expand(protocol: dict[str, Any]) -> list[Run]:
 
 
 def select(runs: list[Run], protocol: dict[str, Any], only: Iterable[str] | None = None,
-           tasks: Iterable[str] | None = None, seeds: Iterable[int] | None = None) -> list[Run]:
-    """The runs of the named groups, tasks and seeds (None: all)."""
-    only, tasks, seeds = (set(x) if x is not None else None for x in (only, tasks, seeds))
+           tasks: Iterable[str] | None = None, seeds: Iterable[int] | None = None,
+           variants: Iterable[str] | None = None) -> list[Run]:
+    """The runs of the named groups, tasks, seeds and variants (None: all)."""
+    only, tasks, seeds, variants = (set(x) if x is not None else None for x in (only, tasks, seeds, variants))
     unknown = (only or set()) - set(protocol["groups"])
     if unknown:
         raise ValueError(f"Unknown group(s) {sorted(unknown)}; the protocol has {list(protocol['groups'])}.")
+    known = {v for group in protocol["groups"].values() for v in group["variants"]}
+    if variants and variants - known:
+        raise ValueError(f"Unknown variant(s) {sorted(variants - known)}; the protocol has {sorted(known)}.")
     return [r for r in runs if (only is None or r.group in only) and (tasks is None or r.task in tasks)
-            and (seeds is None or r.seed in seeds)]
+            and (seeds is None or r.seed in seeds) and (variants is None or r.variant in variants)]
 
 
 @functools.lru_cache(maxsize=1)

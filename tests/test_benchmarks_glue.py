@@ -62,6 +62,11 @@ def test_protocol_expands_to_the_exact_run_counts(protocol):
     assert {r.variant for r in runs if r.group == "table1"} == set(METHODS)
     assert {r.seed for r in runs if r.stage == 1} == {0} and {r.seed for r in runs if r.stage == 2} == {1, 2}
     assert len(gp.select(runs, protocol, only=["orth"], tasks=["rte"])) == 5
+    picked = gp.select(runs, protocol, only=["dynamics"], seeds=[1], variants=["gaussian", "lora1"])
+    assert sorted(r.name for r in picked) == sorted(f"dynamics/{t}-{v}-s1" for t in ("mrpc", "cola", "stsb")
+                                                    for v in ("gaussian", "lora1"))
+    with pytest.raises(ValueError, match="Unknown variant"):
+        gp.select(runs, protocol, variants=["lora3"])
     assert len(gp.select(runs, protocol, only=["table1"], seeds=[0])) == 135
     with pytest.raises(ValueError, match="Unknown group"):
         gp.select(runs, protocol, only=["table2"])
