@@ -143,7 +143,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
           f"{counts['waiting']} waiting.", flush=True)
     print(estimate_line(protocol, steps, plan, 1 if ns.shard else 2), flush=True)  # a shard: its own worker
     for step in steps:
-        if step.note.startswith("stale"):
+        if step.note.startswith(("stale", "bad result file")):
             print(f"warning: {step.run.name}: {step.note}", flush=True)
     if ns.dry_run:
         for s in steps:

@@ -58,6 +58,21 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def unreadable(path: Path) -> str | None:
+    """Why an existing result file cannot be used (truncated, not JSON, no final metric); None: it can, or it
+    does not exist. Such a run is trained again, and its new file replaces the bad one atomically."""
+    if not Path(path).is_file():
+        return None
+    data = read_json(path)
+    if data is None:
+        return "not a JSON object (truncated or corrupted)"
+    try:
+        metric(data)
+    except (KeyError, TypeError, ValueError):
+        return "no final main metric"
+    return None
+
+
 def metric(result: dict[str, Any], which: str = "final") -> float:
     return float(result[which][result["main_metric"]])
 
@@ -70,7 +85,8 @@ def stored_key(result: dict[str, Any]) -> str | None:
 
 def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
     runs = expand(protocol)
-    results = {run: read_json(run.result_path(results_dir)) for run in runs}
+    bad = {run: why for run in runs if (why := unreadable(run.result_path(results_dir)))}
+    results = {run: None if run in bad else read_json(run.result_path(results_dir)) for run in runs}
     finals: dict[Cell, dict[float, float | None]] = defaultdict(dict)
     for run in runs:
         if run.stage == 1:
@@ -94,6 +110,8 @@ def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
         first = first_any.setdefault(key, run)
         twin = run if waiting_lr else first_exact.setdefault(key, run)
         step = Step(run, "todo", lr, key, results[run])
+        if run in bad:
+            step.note = f"bad result file ({bad[run]}): it is trained again"
         if step.result is not None:
             step.status = "done"
             if not waiting_lr and stored_key(step.result) not in (None, key):
@@ -102,11 +120,13 @@ def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
             group, variant = run.lr_from
             have = sum(v is not None for v in finals[group, variant, run.task].values())
             step.status, step.trains = "waiting", first is run
-            step.note = f"lr: {have} of {len(finals[group, variant, run.task])} stage-1 runs of {group}/{variant} done"
+            step.note += f"{'; ' if step.note else ''}lr: {have} of {len(finals[group, variant, run.task])} " \
+                         f"stage-1 runs of {group}/{variant} done"
         elif key in originals:
             step.status, step.source = "reuse", originals[key]
         elif twin is not run:
-            step.status, step.note = "waiting", f"same settings as {twin.name}"
+            step.status = "waiting"
+            step.note += f"{'; ' if step.note else ''}same settings as {twin.name}"
         else:
             step.trains = True
         steps.append(step)

@@ -476,3 +476,31 @@ def test_worker_pool_starts_workers_and_stops_them_at_the_deadline(tmp_path, cap
     out = capsys.readouterr().out
     assert "2 workers started" in out and "--kill-after 1 s: stopping the workers." in out
     assert sorted(p.name for p in (tmp_path / "runs" / "workers").iterdir()) == ["worker-0.log", "worker-1.log"]
+
+
+def test_a_truncated_or_corrupted_result_file_is_trained_again_with_a_message(tmp_path, monkeypatch, capsys):
+    import lora2.glue.run
+
+    protocol = {"name": "tiny", "tasks": {"rte": {"max_steps": 5}}, "methods": {"m": {"args": {"method": "lora2"}}},
+                "groups": {"g": {"tasks": ["rte"], "seeds": [0, 1, 2], "variants": {"a": {"method": "m"}}}}}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(protocol), encoding="utf-8")
+    runs = {r.name: r for r in gp.expand(protocol)}
+    res = tmp_path / "res"
+    good = fake("rte", 0.5)
+    put(res, runs["g/rte-a-s0"], None, good)
+    whole = runs["g/rte-a-s1"].result_path(res)
+    put(res, runs["g/rte-a-s1"], None, good)
+    whole.write_text(whole.read_text()[:40], encoding="utf-8")  # a write cut short
+    put(res, runs["g/rte-a-s2"], None, {**good, "final": {}})  # valid JSON without its metric
+    trained = []
+    monkeypatch.setattr(lora2.glue.run, "run_glue", lambda args: trained.append(args.seed) or fake("rte", 0.7))
+    argv = ["--protocol", str(path), "--results-dir", str(res), "run", "--runs-dir", str(tmp_path / "r"), "--no-tables"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "warning: g/rte-a-s1: bad result file (not a JSON object (truncated or corrupted)): it is trained again" in out
+    assert "warning: g/rte-a-s2: bad result file (no final main metric)" in out
+    assert sorted(trained) == [1, 2]
+    for seed in (1, 2):
+        assert json.loads(runs[f"g/rte-a-s{seed}"].result_path(res).read_text())["final"]["accuracy"] == 0.7
+    assert bench.main(argv) == 0 and sorted(trained) == [1, 2]  # repaired: nothing trains again
