@@ -138,9 +138,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
     protocol_id = f"{protocol.get('name', 'protocol')}@{protocol_hash(ns.protocol)}"
     plan = make_plan(protocol, results_dir)
     steps = _view(plan, ns, protocol)
-    counts = {k: sum(s.status == k for s in steps) for k in ("done", "reuse", "todo", "waiting")}
-    print(f"{len(steps)} runs: {counts['done']} done, {counts['reuse']} to reuse, {counts['todo']} to train now, "
-          f"{counts['waiting']} waiting.", flush=True)
+    counts = {k: sum(s.status == k for s in steps) for k in ("done", "reuse", "todo", "waiting", "skip")}
+    print(f"{len(steps) - counts['skip']} runs: {counts['done']} done, {counts['reuse']} to reuse, {counts['todo']} "
+          f"to train now, {counts['waiting']} waiting ({counts['skip']} lr-edge runs not needed).", flush=True)
     print(estimate_line(protocol, steps, plan, 1 if ns.shard else 2), flush=True)  # a shard: its own worker
     for step in steps:
         if step.note.startswith(("stale", "bad result file")):
@@ -203,7 +203,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         steps = _view(plan, ns, protocol)
     if not ns.no_tables:
         print(f"tables: {_write_report(protocol, ns, plots=True)}")
-    left = [s for s in _view(make_plan(protocol, results_dir), ns, protocol) if s.status != "done"]
+    left = [s for s in _view(make_plan(protocol, results_dir), ns, protocol) if s.status not in ("done", "skip")]
     print(f"trained {len(attempted) - len(failed)}, failed {len(failed)}; still missing {len(left)} "
           f"({sum(s.status == 'waiting' for s in left)} waiting).", flush=True)
     for name in failed:

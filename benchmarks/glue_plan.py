@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glue_protocol import Run, expand, run_key, select_lr
+from glue_protocol import Run, choose_lr, expand, run_key
 
 Cell = tuple[str, str, str]  # (group, variant, task)
 
@@ -25,7 +25,7 @@ Cell = tuple[str, str, str]  # (group, variant, task)
 @dataclass
 class Step:
     run: Run
-    status: str  # done | reuse | todo | waiting
+    status: str  # done | reuse | todo | waiting | skip (an lr-edge run the grid's choice does not need)
     lr: float | None  # the run's learning rate; None while not chosen (or the method's default)
     key: str  # run key; computed with a provisional grid lr while the lr is not chosen
     result: dict[str, Any] | None = None  # the stored result (done)
@@ -38,16 +38,26 @@ class Step:
 class Plan:
     steps: list[Step]
     chosen: dict[Cell, float | None]  # lr chosen per searched (group, variant, task); None: stage 1 incomplete
+    provisional: dict[Cell, float | None]  # the grid's own choice while the run beyond its edge is pending
+
+    def pending_edge(self, cell: Cell) -> bool:
+        return self.chosen.get(cell) is None and self.provisional.get(cell) is not None
 
     def cell(self, group: str, variant: str, task: str) -> list[dict[str, Any]]:
-        """The results that make a table cell, by seed: the stage-1 run at the chosen lr and the other seeds."""
-        chosen = self.chosen.get((group, variant, task))
+        """The results that make a table cell, by seed: the stage-1 run at the chosen lr (the provisional one
+        while an lr-edge run is pending) and the other seeds."""
+        chosen = self.chosen.get((group, variant, task)) or self.provisional.get((group, variant, task))
         return [s.result for s in self.steps if s.result is not None and s.run.group == group
                 and s.run.variant == variant and s.run.task == task and (s.run.stage != 1 or s.run.lr == chosen)]
 
     def grid(self, group: str, variant: str, task: str) -> list[Step]:
-        return [s for s in self.steps if s.run.stage == 1 and (s.run.group, s.run.variant, s.run.task) ==
-                (group, variant, task)]
+        return [s for s in self.steps if s.run.stage == 1 and s.status != "skip"
+                and (s.run.group, s.run.variant, s.run.task) == (group, variant, task)]
+
+    @property
+    def counted(self) -> list[Step]:
+        """The runs the protocol needs now (lr-edge runs that no choice needs are left out)."""
+        return [s for s in self.steps if s.status != "skip"]
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -88,11 +98,17 @@ def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
     bad = {run: why for run in runs if (why := unreadable(run.result_path(results_dir)))}
     results = {run: None if run in bad else read_json(run.result_path(results_dir)) for run in runs}
     finals: dict[Cell, dict[float, float | None]] = defaultdict(dict)
+    edges: dict[Cell, dict[str, tuple[float, float | None]]] = defaultdict(dict)
     for run in runs:
         if run.stage == 1:
             result = results[run]
-            finals[run.group, run.variant, run.task][run.lr] = None if result is None else metric(result)
-    chosen = {cell: select_lr(f) for cell, f in finals.items()}
+            final = None if result is None else metric(result)
+            if run.edge:
+                edges[run.group, run.variant, run.task][run.edge] = (run.lr, final)
+            else:
+                finals[run.group, run.variant, run.task][run.lr] = final
+    choice = {cell: choose_lr(f, edges[cell]) for cell, f in finals.items()}
+    chosen = {cell: c[0] for cell, c in choice.items()}
     originals: dict[str, Path] = {}  # key -> first finished, non-reused result of that key
     for run in runs:
         result = results[run]
@@ -107,11 +123,19 @@ def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
         lr = run.lr if run.lr_from is None else chosen.get((*run.lr_from, run.task))
         waiting_lr = run.lr_from is not None and lr is None
         key = run_key(run.with_lr(run.lr_guess if waiting_lr else lr))
-        first = first_any.setdefault(key, run)
-        twin = run if waiting_lr else first_exact.setdefault(key, run)
         step = Step(run, "todo", lr, key, results[run])
         if run in bad:
             step.note = f"bad result file ({bad[run]}): it is trained again"
+        cell = (run.group, run.variant, run.task)
+        if run.edge and step.result is None and choice[cell][2] != run.edge:  # not (or not yet) needed
+            grid_done = choice[cell][1] is not None
+            step.status = "skip" if grid_done else "waiting"
+            step.note = ("not needed: the grid's choice is not at this end" if grid_done else
+                         "lr edge: trains only if the grid's choice is at this end")
+            steps.append(step)
+            continue
+        first = first_any.setdefault(key, run)
+        twin = run if waiting_lr else first_exact.setdefault(key, run)
         if step.result is not None:
             step.status = "done"
             if not waiting_lr and stored_key(step.result) not in (None, key):
@@ -119,6 +143,8 @@ def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
         elif waiting_lr:
             group, variant = run.lr_from
             have = sum(v is not None for v in finals[group, variant, run.task].values())
+            if choice[group, variant, run.task][2]:
+                step.note += f"{'; ' if step.note else ''}lr: waiting for the run beyond the grid's edge"
             step.status, step.trains = "waiting", first is run
             step.note += f"{'; ' if step.note else ''}lr: {have} of {len(finals[group, variant, run.task])} " \
                          f"stage-1 runs of {group}/{variant} done"
@@ -130,7 +156,7 @@ def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
         else:
             step.trains = True
         steps.append(step)
-    return Plan(steps, chosen)
+    return Plan(steps, chosen, {cell: c[1] for cell, c in choice.items()})
 
 
 def sec_per_step(protocol: dict[str, Any], plan: Plan) -> dict[str, tuple[float, str]]:

@@ -47,6 +47,7 @@ class Run:
     stage: int = 0
     lr: float | None = None  # fixed learning rate (stage 1)
     lr_from: tuple[str, str] | None = None  # (group, variant) whose chosen lr on this task the run uses
+    edge: str = ""  # stage 1 beyond the grid: "low" or "high", trained only when the grid's choice is that edge
     lr_guess: float | None = field(default=None, compare=False)  # a grid lr of lr_from: provisional key
     args: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # flat GlueArgs options, lr aside
 
@@ -124,6 +125,18 @@ def _grid(protocol: dict[str, Any], group_name: str, variant: str) -> list[float
     return sorted(grid)
 
 
+def _edges(protocol: dict[str, Any], group_name: str, variant: str) -> dict[str, float]:
+    """The method's lr one step beyond each end of its grid ('lr_edges': [low, high]), if it has them."""
+    edges = protocol["methods"][variant_method(protocol, group_name, variant)].get("lr_edges")
+    if not edges:
+        return {}
+    low, high = edges
+    grid = _grid(protocol, group_name, variant)
+    if not low < grid[0] < grid[-1] < high:
+        raise ValueError(f"group {group_name!r}, variant {variant!r}: lr_edges {edges} must lie outside the grid {grid}.")
+    return {"low": low, "high": high}
+
+
 def expand(protocol: dict[str, Any]) -> list[Run]:
     """Every run the protocol asks for, in protocol order (group, task, variant, stage, lr, seed)."""
     runs = []
@@ -151,6 +164,8 @@ def expand(protocol: dict[str, Any]) -> list[Run]:
                     first, *others = group["seeds"]
                     grid = _grid(protocol, group_name, variant)
                     runs += [run(first, stage=1, lr=lr) for lr in grid]
+                    runs += [run(first, stage=1, lr=lr, edge=side)
+                             for side, lr in _edges(protocol, group_name, variant).items()]
                     runs += [run(s, stage=2, lr_from=(group_name, variant), lr_guess=grid[0]) for s in others]
                 else:
                     guess = _grid(protocol, *lr_from)[0] if lr_from else None
@@ -220,6 +235,24 @@ def select_lr(finals: dict[float, float | None]) -> float | None:
     if not finals or any(v is None for v in finals.values()):
         return None
     return max(sorted(finals), key=lambda lr: -math.inf if math.isnan(finals[lr]) else finals[lr])
+
+
+def choose_lr(grid: dict[float, float | None], edges: dict[str, tuple[float, float | None]]
+              ) -> tuple[float | None, float | None, str | None]:
+    """(chosen, provisional, edge) of the lr rule with edge extension: the grid's choice (``select_lr``); when
+    it is the grid's lowest or highest lr and the method has an lr one step beyond that end, that lr is tried
+    too and the rule picks again among all of them (once: no further step). ``edge``: the side that needed
+    its extra run; ``chosen`` is None until it has a result, ``provisional`` is the grid's choice meanwhile."""
+    inside = select_lr(grid)
+    if inside is None:
+        return None, None, None
+    side = "high" if inside == max(grid) else "low" if inside == min(grid) else None
+    if side is None or side not in edges:
+        return inside, inside, None
+    lr, final = edges[side]
+    if final is None:
+        return None, inside, side
+    return select_lr({**grid, lr: final}), inside, side
 
 
 def _matches(run: Run, rule: dict[str, Any]) -> bool:

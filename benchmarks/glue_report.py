@@ -16,6 +16,9 @@ from glue_plan import Plan, make_plan, metric
 from glue_protocol import PROTOCOL, protocol_hash, repo_relative, variant_label
 
 DASH = "—"
+EDGE_MARK = " ‡"
+EDGE_NOTE = ("‡: the learning rate was chosen at an end of the method's grid; the run one grid step beyond that end "
+             "is pending, so this cell may still change.")
 
 
 def fmt_cell(values: list[float], expected: int) -> str:
@@ -57,7 +60,8 @@ def group_table(protocol: dict[str, Any], plan: Plan, group_name: str, which: st
             results = plan.cell(group_name, variant, task)
             values = [metric(r, which) for r in results]
             params += [r["trainable_params"] for r in results]
-            cells.append(fmt_cell(values, expected))
+            mark = EDGE_MARK if values and plan.pending_edge((group_name, variant, task)) else ""
+            cells.append(fmt_cell(values, expected) + mark)
             if values:
                 means.append(statistics.fmean(values))
                 complete &= len(values) == expected
@@ -77,9 +81,15 @@ def lr_tables(protocol: dict[str, Any], plan: Plan, group_name: str) -> list[str
     for variant in group["variants"]:
         cells = []
         for task in tasks:
-            chosen, grid = plan.chosen.get((group_name, variant, task)), plan.grid(group_name, variant, task)
+            cell = (group_name, variant, task)
+            chosen, grid = plan.chosen.get(cell), plan.grid(group_name, variant, task)
             done = sum(s.result is not None for s in grid)
-            cells.append(f"{chosen:g}" if chosen is not None else f"{DASH} ({done}/{len(grid)})")
+            if chosen is not None:
+                cells.append(f"{chosen:g}")
+            elif plan.pending_edge(cell):
+                cells.append(f"{plan.provisional[cell]:g}{EDGE_MARK} (edge run pending)")
+            else:
+                cells.append(f"{DASH} ({done}/{len(grid)})")
         lines.append(_row([variant_label(protocol, group_name, variant), *cells]))
     width = max((len(plan.grid(group_name, v, t)) for v in group["variants"] for t in tasks), default=0)
     lines += ["", f"**Stage 1: seed {group['seeds'][0]} at every lr of the grid** (lr: final / best ×100; "
@@ -114,11 +124,12 @@ def run_listing(plan: Plan) -> list[str]:
 
 def status_lines(plan: Plan) -> list[str]:
     """The PARTIAL banner with counts, or nothing once every protocol run has a result."""
-    count = {k: sum(s.status == k for s in plan.steps) for k in ("done", "todo", "waiting", "reuse")}
-    if count["done"] == len(plan.steps):
+    steps = plan.counted
+    count = {k: sum(s.status == k for s in steps) for k in ("done", "todo", "waiting", "reuse")}
+    if count["done"] == len(steps):
         return []
-    reused = sum(bool(s.result.get("benchmark", {}).get("reused_from")) for s in plan.steps if s.result is not None)
-    return [f"**PARTIAL**: {count['done']} of the {len(plan.steps)} protocol runs have a result "
+    reused = sum(bool(s.result.get("benchmark", {}).get("reused_from")) for s in steps if s.result is not None)
+    return [f"**PARTIAL**: {count['done']} of the {len(steps)} protocol runs have a result "
             f"({count['done'] - reused} trained, {reused} reused); {count['todo']} can train now, {count['reuse']} "
             f"wait to be copied, {count['waiting']} wait for their learning rate or an equal run. Numbers below "
             "change as runs finish.", ""]
@@ -143,7 +154,7 @@ def provenance(protocol: dict[str, Any], plan: Plan, results_dir: Path, command:
         f"Written by `{command or 'python benchmarks/glue.py tables'}` on {now} from the result files under "
         f"`{repo_relative(results_dir)}/`; protocol `{repo_relative(Path(protocol_path))}` "
         f"({protocol.get('name', '?')}@{protocol_hash(protocol_path)}).  ",
-        f"Runs with a result: {len(found)} of {len(plan.steps)}"
+        f"Runs with a result: {len(found)} of {len(plan.counted)}"
         + (f", finished between {finished[0]} and {finished[-1]}" if finished else "") + ".  ",
         "Run by: " + (", ".join(f"`python {c}`" for c in commands) if commands else DASH) + ".  ",
         "Machine: " + ("; ".join(machines) if machines else DASH)
@@ -178,7 +189,7 @@ def render_tables(protocol: dict[str, Any], results_dir: Path, command: str | No
              "once every task has one (`(partial)`: some cells have fewer seeds than asked). Trainable params: every "
              "parameter that receives gradients, classification head included; LoRA² counts all r singular values "
              "before pruning, AdaLoRA all init_r triplets. Head only is the floor (frozen encoder), full fine-tuning "
-             "the ceiling.", "", "Learning rates: " + protocol.get("lr_selection", DASH), "",
+             "the ceiling. " + EDGE_NOTE, "", "Learning rates: " + protocol.get("lr_selection", DASH), "",
              "Budgets per task:", "", *budget_table(protocol)]
     for group_name, group in protocol["groups"].items():
         lr = group.get("learning_rate")

@@ -55,7 +55,7 @@ def test_protocol_expands_to_the_exact_run_counts(protocol):
     count = {}
     for run in runs:
         count[run.group, run.stage] = count.get((run.group, run.stage), 0) + 1
-    assert count == {("table1", 1): 9 * 5 * 3, ("table1", 2): 9 * 5 * 2, ("dynamics", 0): 12 * 3 * 3, ("curves", 0): 2 * 5,
+    assert count == {("table1", 1): 9 * 5 * (3 + 2), ("table1", 2): 9 * 5 * 2, ("dynamics", 0): 12 * 3 * 3, ("curves", 0): 2 * 5,
                      ("orth", 0): 5 * 3, ("targets", 0): 4 * 3, ("importance", 0): 2 * 3}
     assert len({str(r.result_path(Path("x"))).lower() for r in runs}) == len(runs)  # distinct files, any file system
     assert {r.task for r in runs if r.group == "table1"} == set(TASKS)
@@ -67,7 +67,7 @@ def test_protocol_expands_to_the_exact_run_counts(protocol):
                                                     for v in ("gaussian", "lora1"))
     with pytest.raises(ValueError, match="Unknown variant"):
         gp.select(runs, protocol, variants=["lora3"])
-    assert len(gp.select(runs, protocol, only=["table1"], seeds=[0])) == 135
+    assert len(gp.select(runs, protocol, only=["table1"], seeds=[0])) == 225  # 3 grid lrs + 2 beyond its ends
     with pytest.raises(ValueError, match="Unknown group"):
         gp.select(runs, protocol, only=["table2"])
 
@@ -87,7 +87,8 @@ def test_every_protocol_arg_set_builds_a_glue_args_today(protocol):
         budget = {**protocol["tasks"][run.task], **protocol["groups"][run.group].get("task_args", {}).get(run.task, {})}
         assert (glue.batch_size, glue.max_length, glue.max_steps, glue.eval_steps, glue.seed) == (
             32, budget["max_length"], budget["max_steps"], budget["eval_steps"], run.seed)
-        assert glue.learning_rate in protocol["methods"][gp.variant_method(protocol, run.group, run.variant)]["lr_grid"]
+        method = protocol["methods"][gp.variant_method(protocol, run.group, run.variant)]
+        assert glue.learning_rate in (method["lr_edges"] if run.edge else method["lr_grid"])
     by = {r.name: r.args for r in gp.expand(protocol)}
     assert {k: by["table1/rte-lora2-lr0.001-s0"][k] for k in ("method", "k", "r", "target_rank")} == {
         "method": "lora2", "k": 1, "r": 8, "target_rank": 2}
@@ -116,6 +117,17 @@ def test_keys_are_equal_iff_settings_are(protocol):
     assert gp.run_key({**args, "output_dir": "x", "num_threads": 2, "target_modules": None}) == gp.run_key(args)
     assert gp.run_key({**args, "seed": 1}) != gp.run_key(args)
     assert gp.run_key({**args, "alpha": 32}) != gp.run_key(args)  # task-dependent default: explicit counts
+
+
+def test_lr_rule_tries_one_step_beyond_an_edge_choice():
+    grid, edges = {3e-4: 0.70, 1e-3: 0.75, 3e-3: 0.80}, {"low": (1e-4, None), "high": (1e-2, None)}
+    assert gp.choose_lr(grid, edges) == (None, 3e-3, "high")  # the top of the grid: 1e-2 must train first
+    assert gp.choose_lr(grid, {**edges, "high": (1e-2, 0.85)}) == (1e-2, 3e-3, "high")
+    assert gp.choose_lr(grid, {**edges, "high": (1e-2, 0.60)}) == (3e-3, 3e-3, "high")
+    assert gp.choose_lr({**grid, 1e-3: 0.9}, edges) == (1e-3, 1e-3, None)  # inside: no extra run
+    assert gp.choose_lr({3e-4: 0.7, 1e-3: 0.7, 3e-3: 0.7}, {**edges, "low": (1e-4, 0.7)}) == (1e-4, 3e-4, "low")
+    assert gp.choose_lr(grid, {}) == (3e-3, 3e-3, None)  # a method without lr_edges
+    assert gp.choose_lr({**grid, 1e-3: None}, edges) == (None, None, None)
 
 
 def test_lr_rule_highest_final_ties_to_the_smaller_lr():
@@ -169,12 +181,12 @@ def test_priority_order(protocol):
     # dynamics seed 0 first (its outcome chooses LoRA²'s defaults), MRPC before the other tasks
     assert {(r.group, r.seed) for r in runs[:36]} == {("dynamics", 0)} and {r.task for r in runs[:12]} == {"mrpc"}
     assert {r.group for r in runs[36:46]} == {"curves"}  # the learning curves fix table 1's budgets
-    stage1 = runs[46:181]
+    stage1 = runs[46:271]
     assert {r.stage for r in stage1} == {1}
-    assert [r.task for r in stage1][::27] == ["mrpc", "stsb", "cola", "rte", "sst2"]
-    assert {(r.group, r.seed) for r in runs[181:253]} == {("dynamics", 1), ("dynamics", 2)}
-    assert {r.stage for r in runs[253:343]} == {2}
-    assert {r.group for r in runs[343:]} == {"orth", "targets", "importance"}
+    assert [r.task for r in stage1][::45] == ["mrpc", "stsb", "cola", "rte", "sst2"]
+    assert {(r.group, r.seed) for r in runs[271:343]} == {("dynamics", 1), ("dynamics", 2)}
+    assert {r.stage for r in runs[343:433]} == {2}
+    assert {r.group for r in runs[433:]} == {"orth", "targets", "importance"}
 
 
 def test_dry_run_prints_the_estimate(tmp_path, capsys):
@@ -200,14 +212,18 @@ def test_run_searches_lr_then_trains_stage_two_and_reuses(tmp_path, monkeypatch,
     assert calls == [("table1/mrpc-head-lr0.001-s0", 0.001)]
     assert bench.main(base) == 0
     names = [n for n, _ in calls]
-    assert len(names) == 27 + 18 + 4 and len(set(names)) == len(names)
+    # the fake metric grows with the lr: every grid picks its top, so each method's run beyond the top trains
+    # (the head ties everywhere: its grid picks the bottom, and the run below it wins the tie)
+    assert len(names) == 27 + 9 + 18 + 4 and len(set(names)) == len(names)
+    assert {n for n in names if n.endswith(("lr0.01-s0", "lr0.0003-s0", "lr0.005-s0"))} >= {
+        "table1/mrpc-lora2-lr0.01-s0", "table1/mrpc-head-lr0.0003-s0", "table1/mrpc-lora1-lr0.005-s0"}
     assert "orth/mrpc-all-s0" not in names  # copied, never trained
-    assert {lr for n, lr in calls if n.startswith("table1/mrpc-lora2-s")} == {0.003}  # the best final
-    assert {lr for n, lr in calls if n.startswith("table1/mrpc-head-s")} == {0.001}  # a tie: the smallest
+    assert {lr for n, lr in calls if n.startswith("table1/mrpc-lora2-s")} == {0.01}  # the best final, beyond
+    assert {lr for n, lr in calls if n.startswith("table1/mrpc-head-s")} == {0.0003}  # a tie: the smallest
     assert max(names.index(n) for n in names if "-lr" in n) < min(names.index(n) for n in names if "-s1" in n)
     reused = json.loads((tmp_path / "orth" / "mrpc-all-s0.json").read_text())
-    assert reused["benchmark"]["reused_from"] == "table1/mrpc-lora2-lr0.003-s0.json"
-    assert reused["benchmark"]["lr"] == 0.003 and reused["final"]["accuracy"] == pytest.approx(0.603)
+    assert reused["benchmark"]["reused_from"] == "table1/mrpc-lora2-lr0.01-s0.json"
+    assert reused["benchmark"]["lr"] == 0.01 and reused["final"]["accuracy"] == pytest.approx(0.61)
     calls.clear()
     assert bench.main(base) == 0 and calls == []
 
@@ -311,9 +327,27 @@ def test_tables_show_partial_floor_lr_search_and_seed_counts(tmp_path):
     assert "| Head only (floor) | 49–50 | 55.00 (n=1) | 30.00 (n=1) | 42.50 (partial) |" in text.splitlines()
 
 
+def test_tables_mark_a_cell_whose_lr_edge_run_is_pending(tmp_path):
+    protocol, path = _tiny(tmp_path)
+    protocol["methods"]["a"]["lr_edges"] = [0.0003, 0.01]  # Method A's grid picks its top, 0.003, on both tasks
+    path.write_text(json.dumps(protocol), encoding="utf-8")
+    lines = glue_report.render_tables(protocol, tmp_path / "res", None, path).splitlines()
+    assert "| Method A | 900–1,000 | 62.00 ± 2.00 ‡ | 82.00 ± 2.00 ‡ | 72.00 |" in lines  # provisional
+    assert "| Method A | 0.003 ‡ (edge run pending) | 0.003 ‡ (edge run pending) |" in lines
+    plan = glue_plan.make_plan(protocol, tmp_path / "res")
+    status = {s.run.name: s.status for s in plan.steps}
+    assert (status["table1/rte-a-lr0.01-s0"], status["table1/rte-a-lr0.0003-s0"]) == ("todo", "skip")
+    assert status["orth/rte-uv-s0"] == "waiting"  # waits for the final choice, not the provisional one
+    runs = {r.name: r for r in gp.expand(protocol)}
+    put(tmp_path / "res", runs["table1/rte-a-lr0.01-s0"], 0.01, fake("rte", 0.65))
+    plan = glue_plan.make_plan(protocol, tmp_path / "res")
+    assert plan.chosen["table1", "a", "rte"] == 0.01 and not plan.pending_edge(("table1", "a", "rte"))
+    assert {s.run.name: s.lr for s in plan.steps}["orth/rte-uv-s0"] == 0.01
+
+
 def test_real_protocol_tables_have_floor_and_ceiling_rows(tmp_path, protocol):
     text = glue_report.render_tables(protocol, tmp_path)
-    assert "**PARTIAL**: 0 of the 376 protocol runs have a result" in text
+    assert "**PARTIAL**: 0 of the 466 protocol runs have a result" in text
     table1 = text.split("## Table 1")[1].split("## ")[0]
     assert "| Head only (floor) | — |" in table1 and "| Full fine-tuning (ceiling) | — |" in table1
 
@@ -408,7 +442,7 @@ def test_claiming_workers_train_each_run_once_and_wait_for_stage_one(tmp_path, m
             "--only", "table1", "--order", "priority", "--no-tables", "--claim", "--wait", "--poll", "0.01"]
     assert bench.main([*base, "--max-runs", "5"]) == 0  # worker 1 stops after 5 runs
     assert bench.main(base) == 0  # worker 2 takes the rest; stage 2 unlocks as stage 1 completes
-    assert len(calls) == 27 + 18 and len(set(calls)) == len(calls)
+    assert len(calls) == 27 + 9 + 18 and len(set(calls)) == len(calls)
     assert not list((tmp_path / "runs").glob("*/*.claim"))
     calls.clear()
     stop = [*base, "--stop-after", "0"]
