@@ -115,7 +115,7 @@ def _view(plan: Plan, ns: argparse.Namespace, protocol: dict[str, Any]) -> list[
     runs = order_runs(select(expand(protocol), protocol, ns.only, ns.tasks, ns.seeds, ns.variants), protocol, ns.order)
     by_name = {s.run.name: s for s in plan.steps}
     steps = [by_name[r.name] for r in runs]
-    if ns.shard is None or ns.claim:
+    if ns.shard is None:  # claiming workers never shard (main() refuses both)
         return steps
     index, count = ns.shard
     return [s for s in steps if s.status in ("done", "reuse") or shard_of(s.run, count) == index]

@@ -68,13 +68,13 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def unreadable(path: Path) -> str | None:
-    """Why an existing result file cannot be used (truncated, not JSON, no final metric); None: it can, or it
-    does not exist. Such a run is trained again, and its new file replaces the bad one atomically."""
-    if not Path(path).is_file():
-        return None
-    data = read_json(path)
+def unreadable(path: Path, data: dict[str, Any] | None) -> str | None:
+    """Why an existing result file (``data`` as ``read_json`` gave it) cannot be used: truncated, not JSON, no
+    final metric; None: it can, or it does not exist. Such a run is trained again, and its new file replaces the
+    bad one atomically."""
     if data is None:
+        if not Path(path).is_file():
+            return None
         return "not a JSON object (truncated or corrupted)"
     try:
         metric(data)
@@ -95,8 +95,9 @@ def stored_key(result: dict[str, Any]) -> str | None:
 
 def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
     runs = expand(protocol)
-    bad = {run: why for run in runs if (why := unreadable(run.result_path(results_dir)))}
-    results = {run: None if run in bad else read_json(run.result_path(results_dir)) for run in runs}
+    read = {run: read_json(run.result_path(results_dir)) for run in runs}  # each file once per plan
+    bad = {run: why for run, data in read.items() if (why := unreadable(run.result_path(results_dir), data))}
+    results = {run: None if run in bad else data for run, data in read.items()}
     finals: dict[Cell, dict[float, float | None]] = defaultdict(dict)
     edges: dict[Cell, dict[str, tuple[float, float | None]]] = defaultdict(dict)
     for run in runs:

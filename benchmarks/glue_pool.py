@@ -128,7 +128,7 @@ def in_progress(runs_dir: Path) -> bool:
     return any(_live(path) for path in Path(runs_dir).glob("*/*.claim"))
 
 
-def _worker_argv(argv: list[str], index: int) -> list[str]:
+def _worker_argv(argv: list[str]) -> list[str]:
     """The parent's command line for one worker: without --workers/--kill-after, with --claim --wait."""
     out, skip = [], False
     for arg in argv:
@@ -169,7 +169,7 @@ def run_workers(ns: argparse.Namespace, argv: list[str], script: Path) -> int:
     try:
         for i in range(ns.workers):
             log = open(log_dir / f"worker-{i}.log", "a", encoding="utf-8")
-            procs.append(subprocess.Popen([sys.executable, str(script), *_worker_argv(argv, i)], stdout=log,
+            procs.append(subprocess.Popen([sys.executable, str(script), *_worker_argv(argv)], stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True, env=env))
             time.sleep(0.5)  # staggered: the first claims go in priority order
         print(f"{ns.workers} workers started; logs in {log_dir}; {before} result files.", flush=True)

@@ -496,7 +496,7 @@ def test_a_waiting_worker_ends_when_no_run_is_in_progress(tmp_path, monkeypatch)
 def test_worker_pool_starts_workers_and_stops_them_at_the_deadline(tmp_path, capsys):
     import glue_pool
 
-    assert glue_pool._worker_argv(["--results-dir", "x", "run", "--workers", "3", "--kill-after=9", "--tf32"], 0) == \
+    assert glue_pool._worker_argv(["--results-dir", "x", "run", "--workers", "3", "--kill-after=9", "--tf32"]) == \
         ["--results-dir", "x", "run", "--tf32", "--claim", "--wait", "--no-tables", "--workers", "0"]
     script = tmp_path / "worker.py"
     script.write_text("import sys, time\nif '--stop-after' in sys.argv:\n    time.sleep(60)\n", encoding="utf-8")
