@@ -183,10 +183,12 @@ def test_priority_order(protocol):
     assert {r.group for r in runs[36:46]} == {"curves"}  # the learning curves fix table 1's budgets
     stage1 = runs[46:271]
     assert {r.stage for r in stage1} == {1}
-    assert [r.task for r in stage1][::45] == ["mrpc", "stsb", "cola", "rte", "sst2"]
-    assert {(r.group, r.seed) for r in runs[271:343]} == {("dynamics", 1), ("dynamics", 2)}
-    assert {r.stage for r in runs[343:433]} == {2}
-    assert {r.group for r in runs[433:]} == {"orth", "targets", "importance"}
+    # SST-2 first: its runs are the longest and its lr search gates the most stage-2 runs
+    assert [r.task for r in stage1][::45] == ["sst2", "mrpc", "stsb", "cola", "rte"]
+    # the ablations (one seed) before stage 2, the dynamics' extra seeds last
+    assert {r.group for r in runs[271:304]} == {"orth", "targets", "importance"}
+    assert {r.stage for r in runs[304:394]} == {2}
+    assert {(r.group, r.seed) for r in runs[394:]} == {("dynamics", 1), ("dynamics", 2)}
 
 
 def test_dry_run_prints_the_estimate(tmp_path, capsys):
