@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from glue_compare import load_paper, paper_block
 from glue_plan import Plan, make_plan, metric
 from glue_protocol import PROTOCOL, protocol_hash, repo_relative, variant_label
 
@@ -178,8 +179,11 @@ def budget_table(protocol: dict[str, Any]) -> list[str]:
 
 
 def render_tables(protocol: dict[str, Any], results_dir: Path, command: str | None = None,
-                  protocol_path: str | Path = PROTOCOL, plots: list[Path] | None = None) -> str:
+                  protocol_path: str | Path = PROTOCOL, plots: list[Path] | None = None,
+                  paper: dict[str, Any] | None = None) -> str:
+    """tables.md's text; ``paper``: the paper's numbers to compare with (default: glue_paper.json)."""
     plan = make_plan(protocol, results_dir)
+    paper = load_paper() if paper is None else paper
     lines = [f"# GLUE quality under protocol v2 ({protocol.get('name', '?')})", "", *status_lines(plan),
              *provenance(protocol, plan, results_dir, command, protocol_path), "",
              "Each cell: the task's main metric ×100 on the dev set, mean ± sample standard deviation over seeds; "
@@ -200,6 +204,7 @@ def render_tables(protocol: dict[str, Any], results_dir: Path, command: str | No
                   f"learning rate {lr_text}.", ""]
         for which, title in (("final", "Final evaluation"), ("best", "Best evaluation during training")):
             lines += [f"**{title}**", "", *group_table(protocol, plan, group_name, which), ""]
+        lines += paper_block(protocol, plan, group_name, paper)
         if lr == "search":
             lines += [*lr_tables(protocol, plan, group_name), ""]
     lines += ["", "## Plots", ""]

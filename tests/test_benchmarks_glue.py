@@ -18,6 +18,7 @@ _spec = importlib.util.spec_from_file_location("benchmarks_glue", REPO / "benchm
 bench = importlib.util.module_from_spec(_spec)
 sys.modules["benchmarks_glue"] = bench
 _spec.loader.exec_module(bench)  # puts benchmarks/ on sys.path for its glue_* modules
+import glue_compare  # noqa: E402
 import glue_plan  # noqa: E402
 import glue_plots  # noqa: E402
 import glue_protocol as gp  # noqa: E402
@@ -540,3 +541,50 @@ def test_a_truncated_or_corrupted_result_file_is_trained_again_with_a_message(tm
     for seed in (1, 2):
         assert json.loads(runs[f"g/rte-a-s{seed}"].result_path(res).read_text())["final"]["accuracy"] == 0.7
     assert bench.main(argv) == 0 and sorted(trained) == [1, 2]  # repaired: nothing trains again
+
+
+def test_paper_comparison_ranks_orderings_and_gives_the_seed_spread(tmp_path):
+    protocol, path = _tiny(tmp_path)
+    protocol["groups"]["orth"]["variants"]["pq"] = {"label": "PQ", "args": {"orth_terms": ["PQ"]}}
+    runs = {r.name: r for r in gp.expand(protocol)}
+    put(tmp_path / "res", runs["orth/rte-uv-s0"], 0.003, fake("rte", 0.61, 0.66))
+    put(tmp_path / "res", runs["orth/rte-pq-s0"], 0.003, fake("rte", 0.63, 0.65))
+    paper = {"model": "M", "compare_on": "best",
+             "groups": {"table1": {"table": "T1", "rows": {"a": {"rte": 80.0, "stsb": 90.0},
+                                                          "head": {"rte": 70.0, "stsb": 95.0}}},
+                        "orth": {"claim": "The paper says nothing."}}}
+    text = glue_report.render_tables(protocol, tmp_path / "res", None, path, paper=paper)
+    lines = text.splitlines()
+    assert "| Method A | 72.00 (1) | 80.00 (1) | 92.00 (1) | 90.00 (2) | 82.00 (1) | 85.00 (1) |" in lines
+    assert "| Head only (floor) | — | 70.00 (2) | — | 95.00 (1) | — | 82.50 (2) |" in lines  # lr search incomplete
+    assert "RTE (best) — (n=1), RTE (final) — (n=1)" in text  # fewer than 3 rows: no tau
+    orth = text.split("## Table 3")[1].split("## ")[0]
+    assert "The paper says nothing." in orth
+    assert "PQ minus uv (final / best ×100): RTE (Acc) +2.00 / -1.00." in orth
+    assert ("sample sd of table1's Method A at the same lr: RTE (Acc) 2.00 (n=3). With one seed per cell here, a "
+            "difference smaller than about twice that is within seed noise.") in orth
+    assert "**Against the paper**" not in glue_report.render_tables(protocol, tmp_path / "res", None, path,
+                                                                    paper={"groups": {}})
+
+
+def test_rank_and_kendall_tau():
+    assert glue_compare.rank_among(5.0, [5.0, 6.0, 1.0]) == 2  # ties share the better rank
+    assert glue_compare.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert glue_compare.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert glue_compare.kendall_tau([1, 3, 2], [1, 2, 3]) == pytest.approx(1 / 3)
+    assert math.isnan(glue_compare.kendall_tau([1, 2], [1, 2])) and math.isnan(glue_compare.kendall_tau([1, 1, 1], [1, 2, 3]))
+
+
+def test_the_papers_numbers_name_protocol_groups_variants_and_tasks(protocol):
+    paper = glue_compare.load_paper()
+    assert set(paper["groups"]) == {"table1", "orth", "targets", "importance"}
+    for name, spec in paper["groups"].items():
+        group = protocol["groups"][name]
+        for variant, cells in spec.get("rows", {}).items():
+            assert variant in group["variants"] and set(cells) == set(group["tasks"]), (name, variant)
+        for alias, target in spec.get("aliases", {}).items():
+            assert alias in group["variants"] and target in spec["rows"]
+    # spot checks against the paper's tables (DeBERTa-v3-base)
+    assert paper["groups"]["table1"]["rows"]["lora2"] == {"mrpc": 90.93, "stsb": 91.69, "cola": 70.63, "rte": 89.53,
+                                                          "sst2": 95.64}
+    assert paper["groups"]["orth"]["rows"]["PQ"]["rte"] == 88.81 and paper["groups"]["targets"]["rows"]["QV"]["rte"] == 84.84
