@@ -32,17 +32,20 @@ def rank_among(value: float, others: list[float]) -> int:
 
 
 def kendall_tau(ours: list[float], theirs: list[float]) -> float:
-    """Kendall's tau-b of two orderings of the same rows; NaN with fewer than 3 rows or a constant side."""
+    """Kendall's tau-b of two orderings of the same rows; NaN with fewer than 3 rows or no order on one side."""
     if len(ours) < 3 or len(set(ours)) < 2 or len(set(theirs)) < 2:
         return math.nan
     from scipy.stats import kendalltau
 
-    return float(kendalltau(ours, theirs).statistic)
+    return float(kendalltau(ours, theirs)[0])
 
 
 def _mean(plan: Plan, group: str, variant: str, task: str, which: str) -> float | None:
+    """The cell's mean ×100, rounded as the tables show it (so equal-looking cells rank as ties); None if empty
+    or not finite (the pipeline never writes a NaN metric; a hand-edited file is not ranked)."""
     values = [metric(r, which) for r in plan.cell(group, variant, task)]
-    return 100 * statistics.fmean(values) if values else None
+    mean = 100 * statistics.fmean(values) if values else math.nan
+    return round(mean, 2) if math.isfinite(mean) else None
 
 
 def seed_spread(protocol: dict[str, Any], plan: Plan, group_name: str) -> list[str]:
@@ -52,17 +55,22 @@ def seed_spread(protocol: dict[str, Any], plan: Plan, group_name: str) -> list[s
     if len(group["seeds"]) != 1 or not isinstance(source, str) or ":" not in source:
         return []
     src_group, _, src_variant = source.partition(":")
-    cells = []
+    cells, known = [], False
     for task in group["tasks"]:
-        values = [metric(r, "final") for r in plan.cell(src_group, src_variant, task)]
+        results = plan.cell(src_group, src_variant, task)
         label = protocol["tasks"][task].get("label", task)
-        cells.append(f"{label} {100 * statistics.stdev(values):.2f} (n={len(values)})" if len(values) > 1
-                     else f"{label} {DASH}")
-    if all(cell.endswith(DASH) for cell in cells):
+        if len(results) < 2:
+            cells.append(f"{label} {DASH}")
+            continue
+        known = True
+        sds = [100 * statistics.stdev(metric(r, which) for r in results) for which in ("final", "best")]
+        cells.append(f"{label} {sds[0]:.2f} / {sds[1]:.2f} (n={len(results)})")
+    if not known:
         return []  # no seeds beyond the first yet
-    return [f"Seed spread for scale: the final metric's sample sd of {src_group}'s "
+    return [f"Seed spread for scale: the sample sd σ (final / best ×100) of {src_group}'s "
             f"{variant_label(protocol, src_group, src_variant)} at the same lr: " + ", ".join(cells)
-            + ". With one seed per cell here, a difference smaller than about twice that is within seed noise."]
+            + ". Two one-seed cells differ by about √2·σ from seed noise alone, so a difference below about 3σ "
+            "says nothing (and σ is itself rough from so few seeds)."]
 
 
 def _pairwise(protocol: dict[str, Any], plan: Plan, group_name: str) -> list[str]:
@@ -87,8 +95,13 @@ def _with_avg(table: dict[str, dict[str, float | None]], tasks: list[str]) -> di
     """Add each row's mean over the group's tasks, once every task has a value."""
     for cells in table.values():
         known = [cells[t] for t in tasks if cells[t] is not None]
-        cells["avg"] = statistics.fmean(known) if len(known) == len(tasks) else None
+        cells["avg"] = round(statistics.fmean(known), 2) if len(known) == len(tasks) else None
     return table
+
+
+def _rows_for(primary: list[str], alias: str | None, aliases: dict[str, str]) -> list[str]:
+    """The compared rows: the paper's rows we ran, with an alias (if any) in its paper row's place."""
+    return [alias if alias is not None and v == aliases[alias] else v for v in primary]
 
 
 def paper_block(protocol: dict[str, Any], plan: Plan, group_name: str, paper: dict[str, Any]) -> list[str]:
@@ -103,44 +116,60 @@ def paper_block(protocol: dict[str, Any], plan: Plan, group_name: str, paper: di
     if "rows" not in spec:
         lines += [spec.get("claim", ""), "", *_pairwise(protocol, plan, group_name)]
         return [*lines, "", *seed_spread(protocol, plan, group_name), ""]
-    rows, aliases = spec["rows"], spec.get("aliases", {})
-    shown = [v for v in group["variants"] if v in rows or aliases.get(v) in rows]
-    if not shown:
+    rows, aliases = spec["rows"], {a: t for a, t in spec.get("aliases", {}).items() if a in group["variants"]}
+    primary = [v for v in group["variants"] if v in rows]
+    shown = [v for v in group["variants"] if v in rows or v in aliases]
+    if not primary:
         return []
-    theirs = _with_avg({v: {t: rows[v].get(t) for t in tasks} for v in rows}, tasks)
+    paper_of = {v: aliases.get(v, v) for v in shown}
+    theirs = _with_avg({v: {t: rows[paper_of[v]].get(t) for t in tasks} for v in shown}, tasks)
     ours = {kind: _with_avg({v: {t: _mean(plan, group_name, v, t, kind) for t in tasks} for v in shown}, tasks)
             for kind in dict.fromkeys((which, "final"))}
     columns = [*tasks, "avg"]
     labels = {t: protocol["tasks"][t].get("label", t).split(" (")[0] for t in tasks} | {"avg": "Avg"}
     header = ["", *(f"{labels[c]} {side}" for c in columns for side in ("ours", "paper"))]
+    alias_note = (" A row that shares another's paper number (" + ", ".join(
+        f"{variant_label(protocol, group_name, a)} → {variant_label(protocol, group_name, t)}"
+        for a, t in aliases.items()) + ") is ranked in that row's place.") if aliases else ""
     lines += [f"The paper's {spec.get('table', group_name)} ({paper.get('model', '?')}) beside ours, on the *{which}* "
-              "dev metric ×100 (the paper reports the best evaluation during training); in brackets: the rank among "
-              "the rows with a paper number, 1 = best; a row that shares the paper's number of another (e.g. LoRA² with the "
-              "paper's settings) is ranked in that row's place. Compare orderings, not values: the models differ.",
-              "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    primary = [v for v in shown if v in rows]
+              "dev metric ×100 (the paper reports the best evaluation during training). In brackets: rank / rows "
+              "ranked, 1 = best, counting on both sides only the rows that have our result in that column (a tie "
+              "at the shown two decimals shares the better rank). Avg: over this group's tasks only (not the "
+              "paper's Avg column, which has other tasks). Compare orderings, not values: the models differ."
+              + alias_note, "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for variant in shown:
-        own = aliases.get(variant, variant)
+        compared = _rows_for(primary, variant if variant in aliases else None, aliases)
         cells = []
         for c in columns:
-            mine = ours[which][variant][c]
-            rivals_ours = [ours[which][v][c] for v in primary if v != own and ours[which][v][c] is not None]
-            rivals_paper = [theirs[v][c] for v in primary if v != own and theirs[v][c] is not None]
-            cells.append(DASH if mine is None else f"{mine:.2f} ({rank_among(mine, rivals_ours)})")
-            paper_value = theirs[own][c]
-            cells.append(DASH if paper_value is None else f"{paper_value:.2f} ({rank_among(paper_value, rivals_paper)})")
+            mine, paper_value = ours[which][variant][c], theirs[variant][c]
+            ranked = [v for v in compared if ours[which][v][c] is not None and theirs[v][c] is not None]
+            if mine is None or paper_value is None or variant not in ranked:
+                cells += [DASH if mine is None else f"{mine:.2f}", DASH if paper_value is None else f"{paper_value:.2f}"]
+                continue
+            n = len(ranked)
+            cells.append(f"{mine:.2f} ({rank_among(mine, [ours[which][v][c] for v in ranked if v != variant])}/{n})")
+            cells.append(f"{paper_value:.2f} ({rank_among(paper_value, [theirs[v][c] for v in ranked if v != variant])}"
+                         f"/{n})")
         lines.append("| " + " | ".join([variant_label(protocol, group_name, variant), *cells]) + " |")
-    taus = []
-    for c in columns:
+    lines += ["", "Rank agreement, Kendall's tau-b between our ordering and the paper's over the rows ranked above "
+              "(+1: the same order, −1: reversed; —: fewer than 3 rows, or no order on one side; (n): rows):", "",
+              "| rows compared | metric | " + " | ".join(labels[c] for c in columns) + " |",
+              "|---|---|" + "---:|" * len(columns)]
+    for alias in (None, *aliases):
+        compared = _rows_for(primary, alias, aliases)
+        name = ("as above" if not aliases else "with " + (
+            variant_label(protocol, group_name, alias) if alias else
+            ", ".join(variant_label(protocol, group_name, t) for t in dict.fromkeys(aliases.values()))))
         for kind, table in ours.items():
-            pairs = [(table[v][c], theirs[v][c]) for v in primary
-                     if table[v][c] is not None and theirs[v][c] is not None]
-            tau = kendall_tau([a for a, _ in pairs], [b for _, b in pairs])
-            taus.append(f"{labels[c]} ({kind}) " + (DASH if math.isnan(tau) else f"{tau:+.2f}") + f" (n={len(pairs)})")
-    lines += ["", "Rank agreement with the paper, Kendall's tau-b over the rows with a paper number (+1: the same "
-              "order, −1: reversed; — below 3 rows): " + ", ".join(taus) + ".", ""]
+            cells = []
+            for c in columns:
+                pairs = [(table[v][c], theirs[v][c]) for v in compared
+                         if table[v][c] is not None and theirs[v][c] is not None]
+                tau = kendall_tau([a for a, _ in pairs], [b for _, b in pairs])
+                cells.append((DASH if math.isnan(tau) else f"{tau:+.2f}") + f" ({len(pairs)})")
+            lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
     spread = seed_spread(protocol, plan, group_name)
-    return [*lines, *spread, *([""] if spread else [])]
+    return [*lines, "", *spread, *([""] if spread else [])]
 
 
 if __name__ == "__main__":  # a library module: its command line is the runner's

@@ -543,28 +543,56 @@ def test_a_truncated_or_corrupted_result_file_is_trained_again_with_a_message(tm
     assert bench.main(argv) == 0 and sorted(trained) == [1, 2]  # repaired: nothing trains again
 
 
-def test_paper_comparison_ranks_orderings_and_gives_the_seed_spread(tmp_path):
-    protocol, path = _tiny(tmp_path)
-    protocol["groups"]["orth"]["variants"]["pq"] = {"label": "PQ", "args": {"orth_terms": ["PQ"]}}
-    runs = {r.name: r for r in gp.expand(protocol)}
-    put(tmp_path / "res", runs["orth/rte-uv-s0"], 0.003, fake("rte", 0.61, 0.66))
-    put(tmp_path / "res", runs["orth/rte-pq-s0"], 0.003, fake("rte", 0.63, 0.65))
+class CellPlan:
+    """The one thing the comparison reads from a plan: the results of a (group, variant, task) cell."""
+
+    def __init__(self, cells: dict) -> None:
+        self.cells = cells
+
+    def cell(self, group: str, variant: str, task: str) -> list[dict]:
+        return self.cells.get((group, variant, task), [])
+
+
+def test_paper_comparison_ranks_orderings_aliases_and_seed_spread():
+    protocol = {"tasks": {"rte": {"label": "RTE (Acc)"}, "stsb": {"label": "STS-B (Pearson)"}},
+                "groups": {"table1": {"tasks": ["rte", "stsb"], "seeds": [0, 1, 2], "learning_rate": "search",
+                                      "variants": {v: {"label": v.upper()} for v in ("floor", "x", "x2", "y", "z")}},
+                           "abl": {"tasks": ["rte"], "seeds": [0], "learning_rate": "table1:x",
+                                   "variants": {"u": {"label": "U"}, "w": {"label": "W"}}}}}
+    best = {("x", "rte"): [0.66, 0.70, 0.74], ("x", "stsb"): [0.60], ("x2", "rte"): [0.75], ("x2", "stsb"): [0.50],
+            ("y", "rte"): [0.65], ("y", "stsb"): [0.65], ("z", "rte"): [0.60], ("z", "stsb"): [0.61],
+            ("floor", "rte"): [0.99]}
+    cells = {("table1", v, t): [fake(t, b - (0.1 if (v, t) != ("x", "rte") else 0.1 + 0.02 * (i - 1)), b)
+                                for i, b in enumerate(values)] for (v, t), values in best.items()}
+    cells[("abl", "u", "rte")], cells[("abl", "w", "rte")] = [fake("rte", 0.61, 0.66)], [fake("rte", 0.63, 0.65)]
     paper = {"model": "M", "compare_on": "best",
-             "groups": {"table1": {"table": "T1", "rows": {"a": {"rte": 80.0, "stsb": 90.0},
-                                                          "head": {"rte": 70.0, "stsb": 95.0}}},
-                        "orth": {"claim": "The paper says nothing."}}}
+             "groups": {"table1": {"table": "T1", "rows": {"x": {"rte": 90.0, "stsb": 80.0}, "y": {"rte": 85.0, "stsb": 85.0},
+                                                          "z": {"rte": 80.0, "stsb": 90.0}}, "aliases": {"x2": "x"}},
+                        "abl": {"claim": "The paper says nothing."}}}
+    lines = glue_compare.paper_block(protocol, CellPlan(cells), "table1", paper)
+    assert "| X | 70.00 (1/3) | 90.00 (1/3) | 60.00 (3/3) | 80.00 (3/3) | 65.00 (1/3) | 85.00 (1/3) |" in lines
+    assert "| X2 | 75.00 (1/3) | 90.00 (1/3) | 50.00 (3/3) | 80.00 (3/3) | 62.50 (2/3) | 85.00 (1/3) |" in lines
+    assert "| Y | 65.00 (2/3) | 85.00 (2/3) | 65.00 (1/3) | 85.00 (2/3) | 65.00 (1/3) | 85.00 (1/3) |" in lines
+    assert not any(line.startswith("| FLOOR") for line in lines)  # no paper row: not compared
+    # RTE: the same order; STS-B: one of three pairs reversed; Avg: the paper's three averages are equal
+    assert "| with X | best | +1.00 (3) | +0.33 (3) | — (3) |" in lines
+    assert "| with X | final | +1.00 (3) | +0.33 (3) | — (3) |" in lines
+    assert "| with X2 | best | +1.00 (3) | +0.33 (3) | — (3) |" in lines
+    abl = "\n".join(glue_compare.paper_block(protocol, CellPlan(cells), "abl", paper))
+    assert "The paper says nothing." in abl and "W minus U (final / best ×100): RTE (Acc) +2.00 / -1.00." in abl
+    assert "sample sd σ (final / best ×100) of table1's X at the same lr: RTE (Acc) 2.00 / 4.00 (n=3)." in abl
+    cells[("table1", "z", "stsb")] = [fake("stsb", 0.55, 0.65)]  # ties y at 65.00: shares the better rank
+    lines = glue_compare.paper_block(protocol, CellPlan(cells), "table1", paper)
+    assert "| Z | 60.00 (3/3) | 80.00 (3/3) | 65.00 (1/3) | 90.00 (1/3) | 62.50 (3/3) | 85.00 (1/3) |" in lines
+    assert glue_compare.paper_block(protocol, CellPlan(cells), "table1", {"groups": {}}) == []
+
+
+def test_tables_carry_the_paper_comparison(tmp_path):
+    protocol, path = _tiny(tmp_path)
+    paper = {"model": "M", "groups": {"table1": {"table": "T1", "rows": {"a": {"rte": 80.0, "stsb": 90.0}}}}}
     text = glue_report.render_tables(protocol, tmp_path / "res", None, path, paper=paper)
-    lines = text.splitlines()
-    assert "| Method A | 72.00 (1) | 80.00 (1) | 92.00 (1) | 90.00 (2) | 82.00 (1) | 85.00 (1) |" in lines
-    assert "| Head only (floor) | — | 70.00 (2) | — | 95.00 (1) | — | 82.50 (2) |" in lines  # lr search incomplete
-    assert "RTE (best) — (n=1), RTE (final) — (n=1)" in text  # fewer than 3 rows: no tau
-    orth = text.split("## Table 3")[1].split("## ")[0]
-    assert "The paper says nothing." in orth
-    assert "PQ minus uv (final / best ×100): RTE (Acc) +2.00 / -1.00." in orth
-    assert ("sample sd of table1's Method A at the same lr: RTE (Acc) 2.00 (n=3). With one seed per cell here, a "
-            "difference smaller than about twice that is within seed noise.") in orth
-    assert "**Against the paper**" not in glue_report.render_tables(protocol, tmp_path / "res", None, path,
-                                                                    paper={"groups": {}})
+    assert "| Method A | 72.00 (1/1) | 80.00 (1/1) | 92.00 (1/1) | 90.00 (1/1) | 82.00 (1/1) | 85.00 (1/1) |" in text
+    assert "**Against the paper**" not in text.split("## Table 3")[1]
 
 
 def test_rank_and_kendall_tau():
@@ -572,6 +600,7 @@ def test_rank_and_kendall_tau():
     assert glue_compare.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert glue_compare.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert glue_compare.kendall_tau([1, 3, 2], [1, 2, 3]) == pytest.approx(1 / 3)
+    assert glue_compare.kendall_tau([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / math.sqrt(30))  # tau-b, a tie
     assert math.isnan(glue_compare.kendall_tau([1, 2], [1, 2])) and math.isnan(glue_compare.kendall_tau([1, 1, 1], [1, 2, 3]))
 
 
@@ -584,7 +613,21 @@ def test_the_papers_numbers_name_protocol_groups_variants_and_tasks(protocol):
             assert variant in group["variants"] and set(cells) == set(group["tasks"]), (name, variant)
         for alias, target in spec.get("aliases", {}).items():
             assert alias in group["variants"] and target in spec["rows"]
-    # spot checks against the paper's tables (DeBERTa-v3-base)
-    assert paper["groups"]["table1"]["rows"]["lora2"] == {"mrpc": 90.93, "stsb": 91.69, "cola": 70.63, "rte": 89.53,
-                                                          "sst2": 95.64}
-    assert paper["groups"]["orth"]["rows"]["PQ"]["rte"] == 88.81 and paper["groups"]["targets"]["rows"]["QV"]["rte"] == 84.84
+    rows = {g: spec.get("rows", {}) for g, spec in paper["groups"].items()}
+    # the paper's Table 1 (DeBERTa-v3-base), task by task; its text: LoRA² is 2.17 above AdaLoRA (r=2) on RTE
+    assert rows["table1"]["lora2"] == {"mrpc": 90.93, "stsb": 91.69, "cola": 70.63, "rte": 89.53, "sst2": 95.64}
+    assert rows["table1"]["lora2"]["rte"] - rows["table1"]["adalora"]["rte"] == pytest.approx(2.17)
+    assert [rows["table1"][m]["mrpc"] for m in ("full", "bitfit", "adalora", "lora1", "lora8")] == \
+        [89.22, 87.16, 90.44, 88.24, 89.71]
+    assert [rows["table1"][m]["stsb"] for m in ("full", "bitfit", "adalora", "lora1", "lora8")] == \
+        [91.59, 89.71, 91.63, 91.41, 91.86]
+    # Table 3 with its MNLI column (90.27, 90.23, 90.33, 90.33, 90.38) gives the paper's Avg column back
+    mnli = {"uv": 90.27, "UV-upper": 90.23, "uv+UV": 90.33, "PQ": 90.33, "all": 90.38}
+    avg = {"uv": 90.31, "UV-upper": 90.29, "uv+UV": 90.48, "PQ": 90.29, "all": 90.63}
+    for variant, cells in rows["orth"].items():
+        assert (sum(cells.values()) + mnli[variant]) / 4 == pytest.approx(avg[variant], abs=0.006), variant
+    # Table 4 with its CoLA column (68.66, 67.70, 70.44, 70.63) gives the paper's Avg column back
+    cola = {"QK": 68.66, "QV": 67.70, "QKV": 70.44, "ALL": 70.63}
+    avg = {"QK": 84.53, "QV": 83.54, "QKV": 84.31, "ALL": 85.70}
+    for variant, cells in rows["targets"].items():
+        assert (sum(cells.values()) + cola[variant]) / 4 == pytest.approx(avg[variant], abs=0.06), variant
