@@ -306,6 +306,7 @@ def test_imported_model_can_still_learn_every_singular_value(tmp_path):
     peft_lora(tiny_llama, ["q_proj"], tmp_path)
     model = get_lora2_model(tiny_llama(seed=0), LoRA2Config(k=K, r=R, target_modules=["q_proj"]))
     init_from_peft_lora(model, tmp_path)
+    model.train()  # γ·R joins the loss in training mode only
     model(**batch(), labels=batch()["input_ids"]).loss.backward()
     for layer in model.lora2_layers.values():
         assert bool((layer.lam.grad[3:] != 0).all())  # the r − m values not used by the import

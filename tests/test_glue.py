@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from lora2.cli import main
 from lora2.glue import GlueDataError, get_task, load_split, read_tsv
+from lora2.glue.args import GlueArgs
 from lora2.glue.metrics import compute_metrics
 
 from .conftest import REPO
@@ -274,7 +276,6 @@ def test_every_lora2_config_field_is_a_glue_flag_and_reaches_the_config(tiny_mod
 def test_pipeline_defaults_for_lora2_and_the_shared_adalora_schedule(tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
-    from lora2.glue.args import GlueArgs
     from lora2.glue.methods import build_method
 
     args = GlueArgs(task="sst2")
@@ -295,6 +296,32 @@ def test_pipeline_defaults_for_lora2_and_the_shared_adalora_schedule(tiny_model_
         GlueArgs(task="rte", lora2={"k": 0})
     with pytest.raises(ValueError, match="set by the pipeline"):
         GlueArgs(task="rte", lora2={"total_step": 10})
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"epochs": float("nan")}, "--epochs must be a finite number > 0"),
+    ({"learning_rate": 0.0}, "--learning-rate must be a finite number > 0"),
+    ({"max_grad_norm": -1.0}, "--max-grad-norm must be a finite number >= 0"),
+    ({"weight_decay": -0.1}, "--weight-decay must be a finite number >= 0"),
+    ({"warmup_steps": -5}, "--warmup-steps must be an integer >= 0"),
+    ({"num_threads": -2}, "--num-threads must be an integer >= 1"),
+    ({"lora_r": 0}, "--lora-r must be an integer >= 1"),
+    ({"save_total_limit": 0}, "--save-total-limit must be an integer >= 1"),
+    ({"adalora_init_r": 2, "adalora_target_r": 4}, "must not exceed --adalora-init-r"),
+    ({"max_steps": 50, "lora2": {"init_warmup": 1000}}, r"--max-steps 50 leaves no pruning phase.*1000 \+ 22"),
+])
+def test_bad_numbers_fail_before_anything_loads(options, message):
+    with pytest.raises(ValueError, match=message):
+        GlueArgs(task="rte", **options)
+
+
+def test_lora2_options_a_method_ignores_are_named():
+    with pytest.warns(UserWarning, match="--method lora does not read the LoRA² option.*--k: they are ignored"):
+        GlueArgs(task="rte", method="lora", lora2={"k": 4, "dropout": 0.1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GlueArgs(task="rte", method="lora", lora2={"dropout": 0.1})  # LoRA reads the dropout
+        GlueArgs(task="rte", max_steps=50)  # the warm-ups default to fractions of the run: they fit
 
 
 def _lora2_step_grad_norm(orth_clip: str, clip: float) -> tuple[float, float]:

@@ -304,3 +304,120 @@ def test_optimizer_param_groups_put_lam_at_its_own_rate():
         rate = 4e-3 if id(p) in lam else 1e-3
         torch.testing.assert_close(p.detach(), old - rate * grad, rtol=0, atol=1e-7)
     assert len(get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["query"])).optimizer_param_groups(1.0)) == 2
+
+
+def test_a_base_that_already_holds_lora2_layers_is_rejected():
+    base = tiny_bert()
+    get_lora2_model(base, LoRA2Config(target_modules=["query"], modules_to_save=["classifier"]))  # in place
+    with pytest.raises(ValueError, match=r"already holds LoRA² layers.*Load a fresh base model"):
+        get_lora2_model(base, LoRA2Config(target_modules=["value"], modules_to_save=["classifier"]))
+
+
+def test_fields_set_after_construction_are_validated_at_wrap():
+    cfg = LoRA2Config(target_modules=["query"], modules_to_save=["classifier"])
+    cfg.k = 0
+    with pytest.raises(ValueError, match=r"LoRA2Config.k must be an integer >= 1, got 0"):
+        get_lora2_model(tiny_bert(), cfg)
+
+
+def test_the_wrapper_follows_the_base_models_mode():
+    _, model = build("bert")  # tiny_bert() is in eval mode, as from_pretrained leaves it
+    assert not model.training and not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+    train_base = tiny_bert().train()
+    assert get_lora2_model(train_base, LoRA2Config(target_modules=["query"], modules_to_save=["classifier"])).training
+
+
+def test_a_training_forward_on_a_merged_model_is_refused():
+    _, model = build("bert")
+    randomize_adapters(model)
+    batch = inputs_for("bert")
+    model.merge()
+    model.train()
+    with pytest.raises(RuntimeError, match=r"merged LoRA2Model.*Call unmerge"):
+        model(**batch)
+    with torch.no_grad():
+        model(**batch)  # inference in training mode (e.g. MC dropout) is fine
+    model.eval()
+    model(**batch)
+
+
+def test_loading_an_adapter_into_a_merged_model_keeps_the_base_weights(tmp_path):
+    reference, model = build("bert")
+    randomize_adapters(model, seed=1)
+    model.save_pretrained(tmp_path)
+    batch = inputs_for("bert")
+    expected = model(**batch).logits
+    _, other = build("bert")
+    randomize_adapters(other, seed=2)
+    other.merge()
+    other.load_adapter_state(model.adapter_state_dict())
+    assert all(layer.merged for layer in other.lora2_layers.values())
+    torch.testing.assert_close(other(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+    other.unmerge()
+    for name, layer in other.lora2_layers.items():
+        torch.testing.assert_close(layer.base_layer.weight, reference.get_submodule(name).weight, rtol=0, atol=1e-6)
+
+
+def test_a_task_head_left_frozen_warns_unless_chosen():
+    with pytest.warns(UserWarning, match=r"head 'classifier' stays frozen.*modules_to_save=\['classifier'\]"):
+        get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["query"]))
+    for save in ([], ["classifier"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["query"], modules_to_save=save))
+
+
+def _one_step(model, batch, loss_outside: bool = False, step: int = 1) -> None:
+    """One optimizer step; ``loss_outside``: the loop computes the loss from the logits (the model sees no labels)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    if loss_outside:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        loss = nn.functional.cross_entropy(logits, batch["labels"])
+    else:
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    model.update_and_allocate(step)
+
+
+def test_a_step_without_the_regulariser_or_in_eval_mode_warns_once():
+    batch = {**inputs_for("bert"), "labels": torch.tensor([0, 1])}
+    _, model = build("bert")
+    model.train()
+    with pytest.warns(RuntimeWarning, match="without the orthogonality regulariser.*model.regularization_loss"):
+        _one_step(model, batch, loss_outside=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _one_step(model, batch, loss_outside=True, step=2)  # once only
+        _, fresh = build("bert")
+        fresh.train()
+        _one_step(fresh, batch)  # the model's own loss carries γ·R: no warning
+        model.regularizer_in_loss = False
+        loss = nn.functional.cross_entropy(model(**batch).logits, batch["labels"]) + model.regularization_loss()
+        loss.backward()
+        model.update_and_allocate(3)
+    _, idle = build("bert")  # left in eval mode, as loaded
+    with pytest.warns(RuntimeWarning, match="in eval mode.*Call model.train"):
+        _one_step(idle, batch)
+
+
+def test_k_above_r_warns_and_a_string_target_explains_itself():
+    with pytest.warns(UserWarning, match=r"k=16 exceeds r=4.*Use k <= r"):
+        LoRA2Config(k=16, r=4)
+    with pytest.raises(ValueError, match=r"A string is one regular expression.*pass a list, e\.g\. \['query', 'value'\]"):
+        get_lora2_model(tiny_bert(), LoRA2Config(target_modules="all-linear", modules_to_save=["classifier"]))
+
+
+def test_merging_a_run_cut_before_its_budget_warns():
+    _, model = build("bert", target_rank=1, total_step=100, init_warmup=2, final_warmup=10, mask_interval=1)
+    model.train()
+    batch = {**inputs_for("bert"), "labels": torch.tensor([0, 1])}
+    for step in range(1, 21):
+        model(**batch).loss.backward()
+        model.update_and_allocate(step)
+        model.zero_grad()
+    with pytest.warns(RuntimeWarning, match=r"stopped at step 20 of total_step=100, before pruning reached its "
+                                            r"target \(\d+ singular values active, target 12\)"):
+        model.merge_and_unload()

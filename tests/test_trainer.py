@@ -82,7 +82,8 @@ def test_schedule_errors_are_caught_before_training(tmp_path):
     model = lora2_model()
     trainer = Trainer(model=model, args=args(tmp_path, max_steps=12), train_dataset=ToyDataset(),
                       callbacks=[LoRA2Callback()])
-    with pytest.raises(ValueError, match="no pruning phase"):
+    with pytest.raises(ValueError, match=r"the Trainer's max_steps \(TrainingArguments.max_steps or epochs\)=12 "
+                                         "leaves no pruning phase"):
         trainer.train()
     assert model.allocator.num_updates == 0
 
@@ -249,3 +250,15 @@ def test_plain_trainer_must_be_given_the_groups_for_a_lam_ratio(tmp_path):
     lam_lrs, other_lrs = lam_and_other_lrs(optimizer, model)
     assert other_lrs == {5e-3} and sorted(lam_lrs) == pytest.approx([8 * 5e-3])
     assert model.allocator.num_updates == 16
+
+
+def test_load_best_model_at_end_loads_the_best_adapter_and_allocator(tmp_path):
+    model = lora2_model()
+    run_args = args(tmp_path, eval_strategy="steps", eval_steps=4, save_steps=4, load_best_model_at_end=True,
+                    metric_for_best_model="eval_loss", greater_is_better=True, learning_rate=5e-2)
+    trainer = LoRA2Trainer(model=model, args=run_args, train_dataset=ToyDataset(), eval_dataset=ToyDataset(n=16, seed=1))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-24")  # "greater is better" on a falling loss
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric, rel=1e-6)
+    assert model.allocator.step == int(best.rsplit("-", 1)[1])  # the allocator state of that step came with it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,13 @@ class LoRA2Config:
         if isinstance(self.modules_to_save, tuple):
             self.modules_to_save = list(self.modules_to_save)
         self.validate()
+        if self.k > self.r:
+            warnings.warn(
+                f"LoRA2Config.k={self.k} exceeds r={self.r}: Δ has rank at most min(k, r) = {self.r}, so the extra "
+                f"{self.k - self.r} columns of the outer factors only add parameters. Use k <= r.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -218,15 +226,17 @@ class LoRA2Config:
             except re.error as err:
                 raise ValueError(f"LoRA2Config.{name} is not a valid regular expression ({err}): {value!r}.") from None
             return
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            kind = "a non-empty list of non-empty strings" + (" or one regex string" if allow_regex else "")
+        empty_ok = not allow_regex  # modules_to_save=[]: nothing trained in full, deliberately (no head warning)
+        if not isinstance(value, list) or (not value and not empty_ok) or not all(isinstance(v, str) and v for v in value):
+            kind = ("a list of non-empty strings" if empty_ok else "a non-empty list of non-empty strings") \
+                + (" or one regex string" if allow_regex else "")
             raise ValueError(f"LoRA2Config.{name} must be {kind}, got {value!r}.")
 
-    def check_schedule(self, total_step: int) -> None:
-        """method.md §5: the pruning phase must exist, i.e. T > t_init + t_final."""
+    def check_schedule(self, total_step: int, source: str = "LoRA2Config.total_step") -> None:
+        """method.md §5: the pruning phase must exist, i.e. T > t_init + t_final (``source`` names where T came from)."""
         if total_step <= self.init_warmup + self.final_warmup:
             raise ValueError(
-                f"LoRA2Config.total_step={total_step} leaves no pruning phase: it must exceed "
+                f"{source}={total_step} leaves no pruning phase: it must exceed "
                 f"init_warmup + final_warmup = {self.init_warmup} + {self.final_warmup} = "
                 f"{self.init_warmup + self.final_warmup}. Train longer or shrink the warm-up phases."
             )

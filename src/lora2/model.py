@@ -48,7 +48,14 @@ class LoRA2Model(nn.Module):
         super().__init__()
         if isinstance(model, LoRA2Model):
             raise ValueError("This model already has LoRA² adapters; call merge_and_unload() before wrapping again.")
+        if any(isinstance(m, LoRA2Layer) for m in model.modules()):
+            raise ValueError(
+                f"This {type(model).__name__} already holds LoRA² layers: get_lora2_model wraps the base model in "
+                "place, so a base that was wrapped before carries that adapter. Load a fresh base model, or use the "
+                "model returned by merge_and_unload()."
+            )
         config = copy.deepcopy(config)
+        config.validate()  # fields may have been set after the config was built
         if config.target_modules is None:
             config.target_modules = default_targets(model)
         self.base_model = model
@@ -68,6 +75,12 @@ class LoRA2Model(nn.Module):
         self._idle_forwards = 0
         self._unloaded = False
         self.mask_sync_checks = 0  # cross-rank mask comparisons done (data-parallel training)
+        self._trained_since_update = False  # a training forward ran since the last update_and_allocate
+        self._reg_since_update = False  # ... and γ·R was computed for it (in the loss or regularization_loss())
+        self._warned_no_reg = False
+        self._warned_eval = False
+        self._warn_if_head_frozen(model)
+        self.train(model.training)  # a 🤗 model loads in eval mode: the wrapper and its new layers follow it
 
     # -- surgery ------------------------------------------------------------------------------
     def _inject(self, found: list[tuple[str, nn.Module]]) -> None:
@@ -76,6 +89,23 @@ class LoRA2Model(nn.Module):
             layer = LoRA2Layer(module, cfg.k, cfg.r, cfg.alpha, cfg.dropout, cfg.init_std, cfg.init, cfg.scaling)
             set_submodule(self.base_model, name, layer)
             self.lora2_layers[name] = layer
+
+    def _warn_if_head_frozen(self, model: nn.Module) -> None:
+        """A task head that is neither trained nor adapted stays as loaded: random for a fresh head."""
+        heads = {"ForSequenceClassification": ("classifier", "score"), "ForTokenClassification": ("classifier", "score"),
+                 "ForQuestionAnswering": ("qa_outputs",)}
+        kind = next((k for k in heads if type(model).__name__.endswith(k)), None)
+        if kind is None or self.lora2_config.modules_to_save is not None:
+            return  # not a task model, or the user chose modules_to_save (even an empty list) deliberately
+        present = [n for n, _ in model.named_children() if n in heads[kind]]
+        if present:
+            warnings.warn(
+                f"{type(model).__name__}'s head {present[0]!r} stays frozen: it is not in modules_to_save. A freshly "
+                f"initialised head is then random and untrained. Pass modules_to_save=[{present[0]!r}] (or "
+                "modules_to_save=[] to keep it frozen on purpose, which silences this warning).",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _freeze(self) -> None:
         for param in self.base_model.parameters():
@@ -128,6 +158,7 @@ class LoRA2Model(nn.Module):
         cfg = self.lora2_config
         means = orth_term_means(self.lora2_layers.values(), cfg.orth_terms, cfg.pq_form)
         reg: torch.Tensor = sum(means.values())  # type: ignore[assignment]  # orth_terms is not empty here
+        self._reg_since_update = True
         self.last_orth_reg = reg.detach()
         self._last_orth_terms = {name: value.detach() for name, value in means.items()}
         return reg
@@ -141,6 +172,13 @@ class LoRA2Model(nn.Module):
         if self.training and torch.is_grad_enabled():
             self._note_training_forward()
         outputs = self.base_model(*args, **kwargs)
+        if self.training and torch.is_grad_enabled() and any(layer.merged for layer in self.lora2_layers.values()) \
+                and any(getattr(la, n).requires_grad for la in self.lora2_layers.values() for n in ADAPTER_PARAMETERS):
+            raise RuntimeError(
+                "Training forward on a merged LoRA2Model: Δ is folded into the base weights, so a step would move "
+                "the factors while unmerge() subtracts the new Δ and corrupts the base. Call unmerge() before "
+                "training, or model.eval() / torch.no_grad() for inference."
+            )
         gamma = self.lora2_config.orth_reg_weight
         if not self.regularizer_in_loss or gamma == 0 or not self.lora2_config.orth_terms or not self.training \
                 or self._adapters_disabled():
@@ -152,6 +190,7 @@ class LoRA2Model(nn.Module):
         return outputs
 
     def _note_training_forward(self) -> None:
+        self._trained_since_update = True
         if not self.allocator.prunes or self.allocator.num_updates > 0:
             return
         self._idle_forwards += 1
@@ -170,11 +209,39 @@ class LoRA2Model(nn.Module):
         self._check_usable()
         if any(layer.merged for layer in self.lora2_layers.values()):
             raise RuntimeError("update_and_allocate() on a merged model: call unmerge() before training further.")
+        self._warn_if_regularizer_skipped()
         budget = self.allocator.update_and_allocate(step)
         if self.allocator.masks_recomputed and is_data_parallel():  # only a rebuilt mask can diverge
             check_masks_agree(self.allocator.masks(), step)
             self.mask_sync_checks += 1
         return budget
+
+    def _warn_if_regularizer_skipped(self) -> None:
+        """Once: the step trained without γ·R although γ > 0 (the loss was computed outside the model), or the
+        model was stepped in eval mode (no γ·R, no dropout: usually a loop that forgot ``model.train()``)."""
+        cfg = self.lora2_config
+        if not self.training and not self._warned_eval:
+            self._warned_eval = True
+            warnings.warn(
+                "update_and_allocate() on a LoRA2Model in eval mode: the step trained without the orthogonality "
+                "regulariser and without dropout. Call model.train() before the training loop (a 🤗 model loads in "
+                "eval mode, and the wrapper follows it).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        skipped = self._trained_since_update and not self._reg_since_update and cfg.orth_reg_weight > 0 \
+            and bool(cfg.orth_terms) and not self._adapters_disabled()
+        self._trained_since_update = self._reg_since_update = False
+        if skipped and not self._warned_no_reg:
+            self._warned_no_reg = True
+            warnings.warn(
+                "This optimizer step trained without the orthogonality regulariser (orth_reg_weight="
+                f"{cfg.orth_reg_weight}): the model adds γ·R only to a loss it computes itself (pass labels), and "
+                "none was computed. With a loss of your own, add it: loss = loss + model.regularization_loss(), "
+                "and set model.regularizer_in_loss = False; or set orth_reg_weight=0 to train without it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def rank_pattern(self) -> dict[str, dict[str, int]]:
         """Per adapted matrix: active singular values and effective rank of Δ (≤ k), for reports.
@@ -243,6 +310,7 @@ class LoRA2Model(nn.Module):
         """Merge, remove every LoRA² layer, and return the plain wrapped model."""
         self._check_usable()
         self._warn_if_never_allocated("merge_and_unload")
+        self.warn_if_schedule_unfinished("merge_and_unload")
         for name, layer in self.lora2_layers.items():
             layer.merge()
             weight = layer.base_layer.weight
@@ -255,6 +323,22 @@ class LoRA2Model(nn.Module):
     def _check_usable(self) -> None:
         if self._unloaded:
             raise RuntimeError("This LoRA2Model was unloaded by merge_and_unload(); use the model it returned.")
+
+    def warn_if_schedule_unfinished(self, action: str) -> None:
+        """Training stopped (early stopping, a cut run) before the budget reached its target: more singular
+        values are active than target_rank asks for. Said, not refused: the adapter is valid, just larger."""
+        alloc, total = self.allocator, self.lora2_config.total_step
+        if not alloc.prunes or not total or alloc.step == 0 or alloc.step >= total - self.lora2_config.final_warmup:
+            return
+        active = int(alloc.masks().sum().item())
+        if active > alloc.b_target:
+            warnings.warn(
+                f"{action}: training stopped at step {alloc.step} of total_step={total}, before pruning reached its "
+                f"target ({active} singular values active, target {alloc.b_target}). Train to the end of the "
+                "schedule, or set total_step to the steps you train.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _warn_if_never_allocated(self, action: str) -> None:
         if self.allocator.prunes and int(self.allocator.masks().sum().item()) == self.allocator.b0:

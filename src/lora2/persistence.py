@@ -185,9 +185,14 @@ def load_adapter_state(model: LoRA2Model, tensors: Mapping[str, torch.Tensor], s
             )
         if not value.is_floating_point():
             raise ValueError(f"{key} in the {source} has dtype {value.dtype}; adapter tensors must be floating point.")
+    merged = [layer for layer in model.lora2_layers.values() if layer.merged]
     with torch.no_grad():
+        for layer in merged:  # take the old Δ out of the base weights before the factors change
+            layer.unmerge()
         for key, target in expected.items():
             target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+        for layer in merged:
+            layer.merge()
 
 
 def load_adapter(cls: type[LoRA2Model], model: nn.Module, adapter_directory: str | Path,

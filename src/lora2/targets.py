@@ -87,9 +87,11 @@ def find_targets(model: nn.Module, targets: list[str] | str, saved: list[str]) -
                 f"target_modules={targets!r} only matched modules inside modules_to_save ({inside_saved[:3]}), "
                 "which are trained in full and never get an adapter. Target the backbone's linear layers."
             )
+        hint = (" A string is one regular expression matched against the whole module name (e.g. r'.*\\.query'); "
+                "for name suffixes pass a list, e.g. ['query', 'value']." if isinstance(targets, str) else "")
         raise ValueError(
             f"target_modules={targets!r} matched no module of {type(model).__name__}. "
-            f"Its linear layers include {linear_names(model)}."
+            f"Its linear layers include {linear_names(model)}.{hint}"
         )
     if isinstance(targets, list):
         unused = [t for t in targets if not any(suffix_match(n, t) for n, _ in found)]

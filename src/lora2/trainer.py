@@ -57,6 +57,7 @@ class LoRA2Callback(TrainerCallback):
     def __init__(self) -> None:
         self._updates_at_start = 0
         self._step_at_start = 0
+        self._verified_at: int | None = None
         self.adapter_only_checkpoints = False  # set by LoRA2Trainer
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -70,7 +71,7 @@ class LoRA2Callback(TrainerCallback):
                 stacklevel=2,
             )
         if lora2_model.allocator.prunes:
-            cfg.check_schedule(total)
+            cfg.check_schedule(total, source="the Trainer's max_steps (TrainingArguments.max_steps or epochs)")
         check_lam_lr(kwargs.get("optimizer"), lora2_model)
         cfg.total_step = total
         if not self.adapter_only_checkpoints:
@@ -86,6 +87,7 @@ class LoRA2Callback(TrainerCallback):
             logger.info("LoRA²: allocator state restored from %s", checkpoint)
         self._updates_at_start = lora2_model.allocator.num_updates
         self._step_at_start = state.global_step
+        self._verified_at = None
 
     @staticmethod
     def _check_checkpointing(args, lora2_model: LoRA2Model) -> None:
@@ -124,6 +126,13 @@ class LoRA2Callback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         lora2_model = find_lora2_model(model)
+        if self._verified_at != state.global_step:  # LoRA2Trainer verifies before loading the best checkpoint
+            self.verify_schedule(state, lora2_model)
+        lora2_model.warn_if_schedule_unfinished("training ended")
+
+    def verify_schedule(self, state, lora2_model: LoRA2Model) -> None:
+        """Fail loudly when the allocator did not run exactly once per optimizer step of this training."""
+        self._verified_at = state.global_step
         ran = lora2_model.allocator.num_updates - self._updates_at_start
         expected = state.global_step - self._step_at_start
         if lora2_model.allocator.prunes and ran != expected:
@@ -181,6 +190,23 @@ class LoRA2Trainer(Trainer):
         find_lora2_model(self.model).save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's adapter and allocator state (the Trainer's own
+        loader looks for full-model or PEFT files, finds none and would keep the last model)."""
+        best = Path(self.state.best_model_checkpoint)
+        if not (best / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(
+                f"load_best_model_at_end: the best checkpoint {best} holds no {WEIGHTS_NAME}. Was it deleted "
+                "(save_total_limit) or written without LoRA2Trainer?"
+            )
+        lora2_model = find_lora2_model(self.model)
+        for cb in self.callback_handler.callbacks:  # check the schedule of the run before its state is replaced
+            if isinstance(cb, LoRA2Callback):
+                cb.verify_schedule(self.state, lora2_model)
+        logger.info("LoRA²: loading the best checkpoint %s (%s = %s)", best, self.args.metric_for_best_model,
+                    self.state.best_metric)
+        self._load_from_checkpoint(str(best))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         lora2_model = find_lora2_model(model if model is not None else self.model)

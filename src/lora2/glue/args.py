@@ -9,6 +9,8 @@ as fractions of the run).
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,8 +113,7 @@ class GlueArgs:
             raise ValueError(f"--orth-clip must be 'shared' or 'separate', got {self.orth_clip!r}.")
         if self.init_warmup_min < 0:
             raise ValueError(f"--init-warmup-min must be >= 0, got {self.init_warmup_min}.")
-        if self.epochs <= 0:
-            raise ValueError(f"--epochs must be > 0, got {self.epochs}.")
+        self._check_numbers()
         if not isinstance(self.lora2, dict):
             raise ValueError(f"GlueArgs.lora2 must be a dict of LoRA2Config fields, got {type(self.lora2).__name__}.")
         self.lora2 = {k: v for k, v in self.lora2.items() if v is not None}
@@ -120,6 +121,51 @@ class GlueArgs:
         if owned:
             raise ValueError(f"LoRA² option(s) {owned} are set by the pipeline (use --target-modules for the targets).")
         LoRA2Config.from_dict(dict(self.lora2))  # unknown fields and bad values fail now, not after data loading
+        self._check_lora2_options()
+
+    def _check_numbers(self) -> None:
+        """Ranges of the numeric options, so a typo fails before the data and model load."""
+        def bad(name: str, rule: str, value: Any) -> ValueError:
+            return ValueError(f"--{name.replace('_', '-')} must be {rule}, got {value!r}.")
+
+        for name in ("epochs", "lora_alpha", "adalora_alpha", "sora_alpha"):  # finite and > 0
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise bad(name, "a finite number > 0", value)
+        for name in ("weight_decay", "max_grad_norm", "sora_lambda"):  # finite and >= 0
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise bad(name, "a finite number >= 0", value)
+        if self.learning_rate is not None and (not math.isfinite(self.learning_rate) or self.learning_rate <= 0):
+            raise bad("learning_rate", "a finite number > 0", self.learning_rate)
+        for name in ("lora_r", "adalora_init_r", "adalora_target_r", "sora_r", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise bad(name, "an integer >= 1", getattr(self, name))
+        if self.adalora_target_r > self.adalora_init_r:
+            raise ValueError(f"--adalora-target-r ({self.adalora_target_r}) must not exceed --adalora-init-r "
+                             f"({self.adalora_init_r}): AdaLoRA prunes from the initial rank down to the target.")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise bad("warmup_steps", "an integer >= 0", self.warmup_steps)
+        if self.num_threads is not None and self.num_threads < 1:
+            raise bad("num_threads", "an integer >= 1", self.num_threads)
+
+    def _check_lora2_options(self) -> None:
+        """LoRA² options the chosen method ignores, and a schedule that cannot fit a known --max-steps."""
+        if self.method != "lora2":
+            ignored = sorted(set(self.lora2) - set(LORA2_OPTIONS_READ_BY[self.method]))
+            if ignored:
+                warnings.warn(f"--method {self.method} does not read the LoRA² option(s) "
+                              f"{', '.join('--' + n.replace('_', '-') for n in ignored)}: they are ignored.",
+                              UserWarning, stacklevel=4)
+        if self.max_steps is not None and self.method in ("lora2", "adalora"):
+            settings = self.lora2_settings(self.max_steps)
+            warmups = settings["init_warmup"] + settings["final_warmup"]
+            if ("init_warmup" in self.lora2 or "final_warmup" in self.lora2) and self.max_steps <= warmups:
+                raise ValueError(
+                    f"--max-steps {self.max_steps} leaves no pruning phase: it must exceed --init-warmup + "
+                    f"--final-warmup = {settings['init_warmup']} + {settings['final_warmup']} = {warmups}. "
+                    "Train longer, or leave the warm-ups out (then they are 15% and 45% of the run)."
+                )
 
     @classmethod
     def from_flat(cls, options: dict[str, Any]) -> GlueArgs:
