@@ -406,3 +406,8 @@ def test_update_norms_match_the_merged_weights(method):
     assert len(ratios) == 12 and min(ratios) > 0
     assert got["median"] == pytest.approx(statistics.median(ratios), rel=1e-4)
     assert got["max"] == pytest.approx(max(ratios), rel=1e-4)
+
+
+def test_a_run_without_pruning_may_be_shorter_than_the_warm_ups():
+    GlueArgs(task="rte", max_steps=50, lora2={"r": 8, "target_rank": 8, "init_warmup": 100})
+    GlueArgs(task="rte", method="adalora", adalora_init_r=2, adalora_target_r=2, max_steps=50, lora2={"init_warmup": 100})

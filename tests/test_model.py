@@ -212,6 +212,10 @@ def test_forgotten_allocator_is_loud(tmp_path):
     with pytest.warns(RuntimeWarning, match="update_and_allocate\\(\\) was never called"):
         for _ in range(200):
             model(**batch)
+    _, idle = build("bert", target_rank=2, total_step=1000, init_warmup=10, final_warmup=10)  # eval, as loaded
+    with pytest.warns(RuntimeWarning, match="was never called.*also in eval mode.*call model.train"):
+        for _ in range(200):
+            idle(**batch)
     randomize_adapters(model)
     with pytest.warns(RuntimeWarning, match="no singular value is pruned"):
         model.save_pretrained(tmp_path)
@@ -320,13 +324,37 @@ def test_fields_set_after_construction_are_validated_at_wrap():
         get_lora2_model(tiny_bert(), cfg)
 
 
-def test_the_wrapper_follows_the_base_models_mode():
+def test_the_wrapper_follows_the_base_models_mode_and_touches_no_submodule():
     _, model = build("bert")  # tiny_bert() is in eval mode, as from_pretrained leaves it
     assert not model.training and not any(m.training for m in model.modules())
     model.train()
     assert all(m.training for m in model.modules())
-    train_base = tiny_bert().train()
-    assert get_lora2_model(train_base, LoRA2Config(target_modules=["query"], modules_to_save=["classifier"])).training
+    base = tiny_bert().train()
+    base.bert.embeddings.eval()  # kept without dropout on purpose
+    base.bert.encoder.layer[1].eval()
+    model = get_lora2_model(base, LoRA2Config(target_modules=["query"], modules_to_save=["classifier"], dropout=0.1))
+    assert model.training and base.training and not base.bert.embeddings.training
+    layers = model.lora2_layers
+    assert layers["bert.encoder.layer.0.attention.self.query"].dropout.training  # as its base layer
+    assert not layers["bert.encoder.layer.1.attention.self.query"].training
+    assert not layers["bert.encoder.layer.1.attention.self.query"].dropout.training
+
+
+def test_a_failed_wrap_or_load_leaves_the_base_model_unchanged(tmp_path):
+    base = tiny_bert()
+    with pytest.raises(ValueError, match="target_total_rank=1000 exceeds"):
+        get_lora2_model(base, LoRA2Config(target_modules=["query"], modules_to_save=["classifier"],
+                                          target_total_rank=1000))
+    assert not any(isinstance(m, LoRA2Layer) for m in base.modules())
+    _, model = build("bert")
+    model.save_pretrained(tmp_path)
+    wrong = tiny_bert(num_labels=3)
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        LoRA2Model.from_pretrained(wrong, tmp_path)
+    assert not any(isinstance(m, LoRA2Layer) for m in wrong.modules())
+    cfg = LoRA2Config(modules_to_save=["classifier"])
+    cfg.target_modules = ("query", "value")  # a tuple set after construction is taken like a list
+    assert len(get_lora2_model(base, cfg).lora2_layers) == 4
 
 
 def test_a_training_forward_on_a_merged_model_is_refused():
@@ -363,10 +391,11 @@ def test_loading_an_adapter_into_a_merged_model_keeps_the_base_weights(tmp_path)
 def test_a_task_head_left_frozen_warns_unless_chosen():
     with pytest.warns(UserWarning, match=r"head 'classifier' stays frozen.*modules_to_save=\['classifier'\]"):
         get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["query"]))
-    for save in ([], ["classifier"]):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for save in ([], ["classifier"]):
             get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["query"], modules_to_save=save))
+        get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["query", "classifier"]))  # the head is adapted
 
 
 def _one_step(model, batch, loss_outside: bool = False, step: int = 1) -> None:
@@ -398,6 +427,9 @@ def test_a_step_without_the_regulariser_or_in_eval_mode_warns_once():
         loss = nn.functional.cross_entropy(model(**batch).logits, batch["labels"]) + model.regularization_loss()
         loss.backward()
         model.update_and_allocate(3)
+        loss = nn.functional.cross_entropy(model(**batch).logits, batch["labels"]) + 0.1 * model.orth_regularization()
+        loss.backward()
+        model.update_and_allocate(4)
     _, idle = build("bert")  # left in eval mode, as loaded
     with pytest.warns(RuntimeWarning, match="in eval mode.*Call model.train"):
         _one_step(idle, batch)
@@ -418,6 +450,6 @@ def test_merging_a_run_cut_before_its_budget_warns():
         model(**batch).loss.backward()
         model.update_and_allocate(step)
         model.zero_grad()
-    with pytest.warns(RuntimeWarning, match=r"stopped at step 20 of total_step=100, before pruning reached its "
+    with pytest.warns(RuntimeWarning, match=r"at step 20 of a 100-step schedule, before pruning reached its "
                                             r"target \(\d+ singular values active, target 12\)"):
         model.merge_and_unload()

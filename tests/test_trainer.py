@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import datasets
 import pytest
@@ -262,3 +263,36 @@ def test_load_best_model_at_end_loads_the_best_adapter_and_allocator(tmp_path):
     assert best is not None and not best.endswith("checkpoint-24")  # "greater is better" on a falling loss
     assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric, rel=1e-6)
     assert model.allocator.step == int(best.rsplit("-", 1)[1])  # the allocator state of that step came with it
+
+
+def test_load_best_model_at_end_says_when_the_best_checkpoint_predates_pruning(tmp_path):
+    run_args = args(tmp_path, eval_strategy="steps", eval_steps=4, save_steps=4, load_best_model_at_end=True,
+                    metric_for_best_model="eval_loss", greater_is_better=True, learning_rate=5e-2)
+    trainer = LoRA2Trainer(model=lora2_model(), args=run_args, train_dataset=ToyDataset(),
+                           eval_dataset=ToyDataset(n=16, seed=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert step < 16  # t_init 4, t_final 8 of 24 steps: pruning ends at step 16
+    assert [m.split(":")[0] for m in said] == [f"load_best_model_at_end loaded checkpoint-{step}"]
+    assert "The best checkpoint predates the end of pruning" in said[0]
+
+
+def test_label_smoothing_keeps_the_regulariser_in_the_loss(tmp_path):
+    model = lora2_model()
+    trainer = LoRA2Trainer(model=model, args=args(tmp_path, label_smoothing_factor=0.1, save_strategy="no"),
+                           train_dataset=ToyDataset())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "trained without the orthogonality regulariser"
+        trainer.train()
+    assert model.regularizer_calls == 48  # once per micro-batch (24 steps × 2), added by LoRA2Trainer.compute_loss
+    model.train()
+    batch = {k: v.unsqueeze(0) for k, v in ToyDataset()[0].items()}
+    torch.manual_seed(0)
+    smoothed = trainer.compute_loss(model, dict(batch))
+    torch.manual_seed(0)  # the same dropout masks
+    with torch.no_grad():
+        plain = trainer.label_smoother(model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
+    assert float(smoothed - plain) == pytest.approx(0.1 * float(model.last_orth_reg), rel=1e-4)

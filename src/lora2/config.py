@@ -133,14 +133,6 @@ class LoRA2Config:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.orth_terms, str):
-            self.orth_terms = [self.orth_terms]
-        if isinstance(self.orth_terms, tuple):
-            self.orth_terms = list(self.orth_terms)
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        if isinstance(self.modules_to_save, tuple):
-            self.modules_to_save = list(self.modules_to_save)
         self.validate()
         if self.k > self.r:
             warnings.warn(
@@ -152,7 +144,12 @@ class LoRA2Config:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field."""
+        """Raise ``ValueError`` naming the first invalid field (tuples become lists first)."""
+        if isinstance(self.orth_terms, str):
+            self.orth_terms = [self.orth_terms]
+        for name in ("orth_terms", "target_modules", "modules_to_save"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         for name in ("k", "r"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:

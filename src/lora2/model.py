@@ -63,7 +63,9 @@ class LoRA2Model(nn.Module):
         self._forward_signature = inspect.signature(model.forward)
         self.modules_to_save_names = find_modules_to_save(model, config.modules_to_save)
         self.lora2_layers: dict[str, LoRA2Layer] = {}
-        self._inject(find_targets(model, config.target_modules, self.modules_to_save_names))
+        found = find_targets(model, config.target_modules, self.modules_to_save_names)
+        config.budgets(len(found))  # a budget that cannot fit fails before the base model is changed
+        self._inject(found)
         self._freeze()
         self.allocator = RankAllocator(list(self.lora2_layers), list(self.lora2_layers.values()), config)
         if self.allocator.prunes and config.total_step is not None:
@@ -79,8 +81,14 @@ class LoRA2Model(nn.Module):
         self._reg_since_update = False  # ... and γ·R was computed for it (in the loss or regularization_loss())
         self._warned_no_reg = False
         self._warned_eval = False
+        self.regularizer_calls = 0  # γ·R computations for a loss (LoRA2Trainer checks each step has one)
         self._warn_if_head_frozen(model)
-        self.train(model.training)  # a 🤗 model loads in eval mode: the wrapper and its new layers follow it
+        # A 🤗 model loads in eval mode: the wrapper follows the base, each new layer its own base layer, and no
+        # submodule's mode is touched (a part kept in eval on purpose stays so).
+        self.training = model.training
+        for layer in self.lora2_layers.values():
+            layer.training = layer.base_layer.training
+            layer.dropout.train(layer.base_layer.training)
 
     # -- surgery ------------------------------------------------------------------------------
     def _inject(self, found: list[tuple[str, nn.Module]]) -> None:
@@ -97,7 +105,7 @@ class LoRA2Model(nn.Module):
         kind = next((k for k in heads if type(model).__name__.endswith(k)), None)
         if kind is None or self.lora2_config.modules_to_save is not None:
             return  # not a task model, or the user chose modules_to_save (even an empty list) deliberately
-        present = [n for n, _ in model.named_children() if n in heads[kind]]
+        present = [n for n, _ in model.named_children() if n in heads[kind] and n not in self.lora2_layers]
         if present:
             warnings.warn(
                 f"{type(model).__name__}'s head {present[0]!r} stays frozen: it is not in modules_to_save. A freshly "
@@ -138,6 +146,8 @@ class LoRA2Model(nn.Module):
     def orth_regularization(self) -> torch.Tensor:
         """R of method.md §3 (mean over adapted matrices of the enabled terms), not yet multiplied by γ."""
         cfg = self.lora2_config
+        if torch.is_grad_enabled():
+            self._reg_since_update = True  # a loop adding γ·orth_regularization() itself trains with it
         return orth_regularization(self.lora2_layers.values(), cfg.orth_terms, cfg.pq_form)
 
     @property
@@ -159,6 +169,7 @@ class LoRA2Model(nn.Module):
         means = orth_term_means(self.lora2_layers.values(), cfg.orth_terms, cfg.pq_form)
         reg: torch.Tensor = sum(means.values())  # type: ignore[assignment]  # orth_terms is not empty here
         self._reg_since_update = True
+        self.regularizer_calls += 1
         self.last_orth_reg = reg.detach()
         self._last_orth_terms = {name: value.detach() for name, value in means.items()}
         return reg
@@ -169,11 +180,11 @@ class LoRA2Model(nn.Module):
         Evaluation losses stay the task loss alone, comparable with other methods.
         """
         self._check_usable()
-        if self.training and torch.is_grad_enabled():
+        learning = torch.is_grad_enabled() and self._adapters_trainable()
+        if learning:
             self._note_training_forward()
         outputs = self.base_model(*args, **kwargs)
-        if self.training and torch.is_grad_enabled() and any(layer.merged for layer in self.lora2_layers.values()) \
-                and any(getattr(la, n).requires_grad for la in self.lora2_layers.values() for n in ADAPTER_PARAMETERS):
+        if learning and self.training and any(layer.merged for layer in self.lora2_layers.values()):
             raise RuntimeError(
                 "Training forward on a merged LoRA2Model: Δ is folded into the base weights, so a step would move "
                 "the factors while unmerge() subtracts the new Δ and corrupts the base. Call unmerge() before "
@@ -189,17 +200,22 @@ class LoRA2Model(nn.Module):
             outputs = (outputs[0] + gamma * self._regularizer().to(outputs[0].dtype), *outputs[1:])
         return outputs
 
+    def _adapters_trainable(self) -> bool:
+        return any(getattr(la, n).requires_grad for la in self.lora2_layers.values() for n in ADAPTER_PARAMETERS)
+
     def _note_training_forward(self) -> None:
-        self._trained_since_update = True
+        """A forward that builds a graph for trainable adapters (in either mode: a loop may forget train())."""
+        self._trained_since_update |= self.training
         if not self.allocator.prunes or self.allocator.num_updates > 0:
             return
         self._idle_forwards += 1
         if self._idle_forwards == IDLE_FORWARDS_WARNING:
             msg = (
-                f"LoRA² has run {IDLE_FORWARDS_WARNING} training forward passes but update_and_allocate() was never "
-                "called: no singular value is being pruned, so this is silently a plain (unpruned) run. Call "
+                f"LoRA² has run {IDLE_FORWARDS_WARNING} forward passes with gradients but update_and_allocate() was "
+                "never called: no singular value is being pruned, so this is silently a plain (unpruned) run. Call "
                 "model.update_and_allocate(step) after optimizer.step(), or pass callbacks=[lora2.LoRA2Callback()] "
                 "to the 🤗 Trainer (or use lora2.LoRA2Trainer)."
+                + ("" if self.training else " The model is also in eval mode (no γ·R, no dropout): call model.train().")
             )
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             logger.warning(msg)
@@ -324,18 +340,20 @@ class LoRA2Model(nn.Module):
         if self._unloaded:
             raise RuntimeError("This LoRA2Model was unloaded by merge_and_unload(); use the model it returned.")
 
-    def warn_if_schedule_unfinished(self, action: str) -> None:
-        """Training stopped (early stopping, a cut run) before the budget reached its target: more singular
-        values are active than target_rank asks for. Said, not refused: the adapter is valid, just larger."""
+    def warn_if_schedule_unfinished(self, action: str, advice: str | None = None) -> None:
+        """The adapter is from before the budget reached its target (a cut run, early stopping, an early best
+        checkpoint): more singular values are active than target_rank asks for. Said, not refused: the adapter
+        is valid, just larger."""
         alloc, total = self.allocator, self.lora2_config.total_step
         if not alloc.prunes or not total or alloc.step == 0 or alloc.step >= total - self.lora2_config.final_warmup:
             return
         active = int(alloc.masks().sum().item())
         if active > alloc.b_target:
             warnings.warn(
-                f"{action}: training stopped at step {alloc.step} of total_step={total}, before pruning reached its "
-                f"target ({active} singular values active, target {alloc.b_target}). Train to the end of the "
-                "schedule, or set total_step to the steps you train.",
+                f"{action}: the adapter is at step {alloc.step} of a {total}-step schedule, before pruning reached "
+                f"its target ({active} singular values active, target {alloc.b_target}). "
+                + (advice or "Train to the end of the schedule, or set total_step (with the 🤗 Trainer: max_steps) "
+                   "to the steps you train."),
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -360,6 +378,11 @@ class LoRA2Model(nn.Module):
         """Write the adapter: ``lora2_adapter.safetensors`` and ``lora2_config.json`` (written last)."""
         self._check_usable()
         self._warn_if_never_allocated("save_pretrained")
+        persistence.save_adapter(self, save_directory)
+
+    def _save_checkpoint(self, save_directory: str | Path) -> None:
+        """``save_pretrained`` without the end-of-training checks: a checkpoint taken mid-schedule."""
+        self._check_usable()
         persistence.save_adapter(self, save_directory)
 
     def load_adapter_state(self, tensors: Mapping[str, torch.Tensor], source: str = "adapter") -> None:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, LoRA2Config
 from .factors import FACTOR_NAMES
+from .targets import set_submodule
 
 if TYPE_CHECKING:
     from torch import nn
@@ -209,7 +210,12 @@ def load_adapter(cls: type[LoRA2Model], model: nn.Module, adapter_directory: str
                 f"The adapter in {directory} was trained on a {trained_on}, not {type(model).__name__}: {err}"
             ) from err
         raise
-    load_adapter_state(wrapped, read_tensors(directory / WEIGHTS_NAME), source=f"adapter in {directory}")
+    try:
+        load_adapter_state(wrapped, read_tensors(directory / WEIGHTS_NAME), source=f"adapter in {directory}")
+    except Exception:
+        for name, layer in wrapped.lora2_layers.items():  # give the caller its base model back unchanged
+            set_submodule(model, name, layer.base_layer)
+        raise
     if not is_trainable:
         for param in wrapped.parameters():
             param.requires_grad_(False)

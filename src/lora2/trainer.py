@@ -58,6 +58,7 @@ class LoRA2Callback(TrainerCallback):
         self._updates_at_start = 0
         self._step_at_start = 0
         self._verified_at: int | None = None
+        self.best_loaded = False  # set by LoRA2Trainer when load_best_model_at_end replaced the model
         self.adapter_only_checkpoints = False  # set by LoRA2Trainer
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -88,6 +89,7 @@ class LoRA2Callback(TrainerCallback):
         self._updates_at_start = lora2_model.allocator.num_updates
         self._step_at_start = state.global_step
         self._verified_at = None
+        self.best_loaded = False
 
     @staticmethod
     def _check_checkpointing(args, lora2_model: LoRA2Model) -> None:
@@ -128,7 +130,9 @@ class LoRA2Callback(TrainerCallback):
         lora2_model = find_lora2_model(model)
         if self._verified_at != state.global_step:  # LoRA2Trainer verifies before loading the best checkpoint
             self.verify_schedule(state, lora2_model)
-        lora2_model.warn_if_schedule_unfinished("training ended")
+        if not self.best_loaded:  # LoRA2Trainer said it already, about the checkpoint it loaded
+            lora2_model.warn_if_schedule_unfinished(
+                "training ended", "Training stopped early (e.g. early stopping); max_steps sets the schedule's length.")
 
     def verify_schedule(self, state, lora2_model: LoRA2Model) -> None:
         """Fail loudly when the allocator did not run exactly once per optimizer step of this training."""
@@ -179,6 +183,20 @@ class LoRA2Trainer(Trainer):
         self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
 
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's loss, plus γ·R when the model did not add it (label smoothing or ``compute_loss_func``
+        take the labels away from the model and compute the loss outside it)."""
+        lora2_model = find_lora2_model(model)
+        before = lora2_model.regularizer_calls
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if lora2_model.training and torch.is_grad_enabled() and lora2_model.regularizer_calls == before:
+            reg = lora2_model.regularization_loss()
+            if reg is not None:
+                if isinstance(result, tuple):
+                    return (result[0] + reg.to(result[0].dtype), *result[1:])
+                return result + reg.to(result.dtype)
+        return result
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         logs.update(log_values(find_lora2_model(self.model)))
         super().log(logs, *args, **kwargs)
@@ -187,7 +205,11 @@ class LoRA2Trainer(Trainer):
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        find_lora2_model(self.model).save_pretrained(output_dir)
+        lora2_model = find_lora2_model(self.model)
+        if lora2_model.allocator.step < (lora2_model.lora2_config.total_step or 0):
+            lora2_model._save_checkpoint(output_dir)  # mid-schedule: unpruned is expected, nothing to warn about
+        else:
+            lora2_model.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -195,18 +217,23 @@ class LoRA2Trainer(Trainer):
         """``load_best_model_at_end``: the best checkpoint's adapter and allocator state (the Trainer's own
         loader looks for full-model or PEFT files, finds none and would keep the last model)."""
         best = Path(self.state.best_model_checkpoint)
-        if not (best / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(
-                f"load_best_model_at_end: the best checkpoint {best} holds no {WEIGHTS_NAME}. Was it deleted "
-                "(save_total_limit) or written without LoRA2Trainer?"
-            )
         lora2_model = find_lora2_model(self.model)
-        for cb in self.callback_handler.callbacks:  # check the schedule of the run before its state is replaced
-            if isinstance(cb, LoRA2Callback):
-                cb.verify_schedule(self.state, lora2_model)
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LoRA2Callback)]
+        for cb in callbacks:  # check the schedule of the run before its state is replaced
+            cb.verify_schedule(self.state, lora2_model)
+        if not (best / WEIGHTS_NAME).is_file():  # e.g. another node without shared storage: keep this model
+            logger.warning("LoRA²: the best checkpoint %s holds no %s on this process; keeping the last model. On "
+                           "several nodes without a shared disk, set save_on_each_node=True.", best, WEIGHTS_NAME)
+            return
         logger.info("LoRA²: loading the best checkpoint %s (%s = %s)", best, self.args.metric_for_best_model,
                     self.state.best_metric)
         self._load_from_checkpoint(str(best))
+        for cb in callbacks:
+            cb.best_loaded = True
+        lora2_model.warn_if_schedule_unfinished(
+            f"load_best_model_at_end loaded {best.name}",
+            "The best checkpoint predates the end of pruning, so it keeps more singular values than target_rank "
+            "asks for; evaluate with save_steps/eval_steps that reach the schedule's end to compare pruned adapters.")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         lora2_model = find_lora2_model(model if model is not None else self.model)

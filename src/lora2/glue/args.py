@@ -149,6 +149,15 @@ class GlueArgs:
         if self.num_threads is not None and self.num_threads < 1:
             raise bad("num_threads", "an integer >= 1", self.num_threads)
 
+    def _prunes(self) -> bool:
+        """Whether this run has a pruning schedule (LoRA² below its r, or AdaLoRA below its initial rank)."""
+        if self.method == "adalora":
+            return self.adalora_target_r < self.adalora_init_r
+        if self.method != "lora2":
+            return False
+        cfg = LoRA2Config.from_dict(dict(self.lora2))
+        return cfg.target_total_rank is not None or cfg.resolved_target_rank < cfg.r
+
     def _check_lora2_options(self) -> None:
         """LoRA² options the chosen method ignores, and a schedule that cannot fit a known --max-steps."""
         if self.method != "lora2":
@@ -157,7 +166,7 @@ class GlueArgs:
                 warnings.warn(f"--method {self.method} does not read the LoRA² option(s) "
                               f"{', '.join('--' + n.replace('_', '-') for n in ignored)}: they are ignored.",
                               UserWarning, stacklevel=4)
-        if self.max_steps is not None and self.method in ("lora2", "adalora"):
+        if self.max_steps is not None and self._prunes():
             settings = self.lora2_settings(self.max_steps)
             warmups = settings["init_warmup"] + settings["final_warmup"]
             if ("init_warmup" in self.lora2 or "final_warmup" in self.lora2) and self.max_steps <= warmups:
