@@ -27,22 +27,10 @@ from .adapter_source import LoRA2Source, read_lora2_adapter, source_from_model
 from .factors import LoRA2Factors
 from .peft_import import init_from_peft_lora
 from .persistence import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, write_json, write_tensors
+from .targets import TASK_HEADS, task_type
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PeftExport", "export_to_peft", "init_from_peft_lora", "lora_factors",
            "read_lora2_adapter"]
-
-# Class-name endings of 🤗 models → PEFT task_type (PeftModel.from_pretrained picks its wrapper from it).
-_TASK_TYPES = (
-    ("ForSequenceClassification", "SEQ_CLS"),
-    ("ForTokenClassification", "TOKEN_CLS"),
-    ("ForQuestionAnswering", "QUESTION_ANS"),
-    ("ForCausalLM", "CAUSAL_LM"),
-    ("LMHeadModel", "CAUSAL_LM"),
-    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
-)
-# Heads PEFT adds to modules_to_save for these task types (peft_model.py).
-_TASK_HEADS = {"SEQ_CLS": {"classifier", "score"}, "TOKEN_CLS": {"classifier", "score"}, "QUESTION_ANS": {"qa_outputs"}}
-
 
 def lora_factors(f: LoRA2Factors | Mapping[str, torch.Tensor], scaling: float | None = None,
                  exact_rank: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +56,8 @@ def _task_type(class_name: str | None, adapted: list[str], modules_to_save: list
     when the adapter saves that head in full. Without it ``PeftModel`` (task_type None) loads the
     same weights and runs the same forward.
     """
-    task = next((t for ending, t in _TASK_TYPES if class_name and class_name.endswith(ending)), None)
-    heads = _TASK_HEADS.get(task or "")
+    task = task_type(class_name)
+    heads = TASK_HEADS.get(task or "")
     if heads is None:
         return task
     last = {n.rsplit(".", 1)[-1] for n in modules_to_save}

@@ -28,7 +28,7 @@ from .forward_signature import ForwardWithBaseSignature
 from .layer import ADAPTER_PARAMETERS, LoRA2Layer
 from .optim import param_groups
 from .regularizer import orth_regularization, orth_term_means
-from .targets import default_targets, find_modules_to_save, find_targets, set_submodule
+from .targets import TASK_HEADS, default_targets, find_modules_to_save, find_targets, set_submodule, task_type
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +100,10 @@ class LoRA2Model(nn.Module):
 
     def _warn_if_head_frozen(self, model: nn.Module) -> None:
         """A task head that is neither trained nor adapted stays as loaded: random for a fresh head."""
-        heads = {"ForSequenceClassification": ("classifier", "score"), "ForTokenClassification": ("classifier", "score"),
-                 "ForQuestionAnswering": ("qa_outputs",)}
-        kind = next((k for k in heads if type(model).__name__.endswith(k)), None)
-        if kind is None or self.lora2_config.modules_to_save is not None:
+        heads = TASK_HEADS.get(task_type(type(model).__name__) or "")
+        if heads is None or self.lora2_config.modules_to_save is not None:
             return  # not a task model, or the user chose modules_to_save (even an empty list) deliberately
-        present = [n for n, _ in model.named_children() if n in heads[kind] and n not in self.lora2_layers]
+        present = [n for n, _ in model.named_children() if n in heads and n not in self.lora2_layers]
         if present:
             warnings.warn(
                 f"{type(model).__name__}'s head {present[0]!r} stays frozen: it is not in modules_to_save. A freshly "
@@ -181,15 +179,15 @@ class LoRA2Model(nn.Module):
         """
         self._check_usable()
         learning = torch.is_grad_enabled() and self._adapters_trainable()
-        if learning:
-            self._note_training_forward()
-        outputs = self.base_model(*args, **kwargs)
         if learning and self.training and any(layer.merged for layer in self.lora2_layers.values()):
             raise RuntimeError(
                 "Training forward on a merged LoRA2Model: Δ is folded into the base weights, so a step would move "
                 "the factors while unmerge() subtracts the new Δ and corrupts the base. Call unmerge() before "
                 "training, or model.eval() / torch.no_grad() for inference."
             )
+        if learning:
+            self._note_training_forward()
+        outputs = self.base_model(*args, **kwargs)
         gamma = self.lora2_config.orth_reg_weight
         if not self.regularizer_in_loss or gamma == 0 or not self.lora2_config.orth_terms or not self.training \
                 or self._adapters_disabled():
@@ -378,7 +376,7 @@ class LoRA2Model(nn.Module):
         """Write the adapter: ``lora2_adapter.safetensors`` and ``lora2_config.json`` (written last)."""
         self._check_usable()
         self._warn_if_never_allocated("save_pretrained")
-        persistence.save_adapter(self, save_directory)
+        self._save_checkpoint(save_directory)
 
     def _save_checkpoint(self, save_directory: str | Path) -> None:
         """``save_pretrained`` without the end-of-training checks: a checkpoint taken mid-schedule."""

@@ -15,6 +15,24 @@ from torch import nn
 from .config import DEFAULT_TARGET_MODULES
 from .layer import SUPPORTED_TYPES
 
+# Class-name endings of 🤗 models → PEFT task_type (PeftModel.from_pretrained picks its wrapper from it).
+TASK_TYPES = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+)
+# The task heads of these task types (PEFT adds them to modules_to_save; lora2 warns when one stays frozen).
+TASK_HEADS = {"SEQ_CLS": frozenset({"classifier", "score"}), "TOKEN_CLS": frozenset({"classifier", "score"}),
+              "QUESTION_ANS": frozenset({"qa_outputs"})}
+
+
+def task_type(class_name: str | None) -> str | None:
+    """PEFT's task_type for a 🤗 model class name, from its ending (None: not a task model we know)."""
+    return next((t for ending, t in TASK_TYPES if class_name and class_name.endswith(ending)), None)
+
 
 def suffix_match(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)

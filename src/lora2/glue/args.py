@@ -120,8 +120,8 @@ class GlueArgs:
         owned = sorted(set(self.lora2) & set(PIPELINE_OWNED))
         if owned:
             raise ValueError(f"LoRA² option(s) {owned} are set by the pipeline (use --target-modules for the targets).")
-        LoRA2Config.from_dict(dict(self.lora2))  # unknown fields and bad values fail now, not after data loading
-        self._check_lora2_options()
+        config = LoRA2Config.from_dict(dict(self.lora2))  # unknown fields and bad values fail now, not after loading
+        self._check_lora2_options(config)
 
     def _check_numbers(self) -> None:
         """Ranges of the numeric options, so a typo fails before the data and model load."""
@@ -149,16 +149,13 @@ class GlueArgs:
         if self.num_threads is not None and self.num_threads < 1:
             raise bad("num_threads", "an integer >= 1", self.num_threads)
 
-    def _prunes(self) -> bool:
+    def _prunes(self, config: LoRA2Config) -> bool:
         """Whether this run has a pruning schedule (LoRA² below its r, or AdaLoRA below its initial rank)."""
         if self.method == "adalora":
             return self.adalora_target_r < self.adalora_init_r
-        if self.method != "lora2":
-            return False
-        cfg = LoRA2Config.from_dict(dict(self.lora2))
-        return cfg.target_total_rank is not None or cfg.resolved_target_rank < cfg.r
+        return self.method == "lora2" and (config.target_total_rank is not None or config.resolved_target_rank < config.r)
 
-    def _check_lora2_options(self) -> None:
+    def _check_lora2_options(self, config: LoRA2Config) -> None:
         """LoRA² options the chosen method ignores, and a schedule that cannot fit a known --max-steps."""
         if self.method != "lora2":
             ignored = sorted(set(self.lora2) - set(LORA2_OPTIONS_READ_BY[self.method]))
@@ -166,7 +163,7 @@ class GlueArgs:
                 warnings.warn(f"--method {self.method} does not read the LoRA² option(s) "
                               f"{', '.join('--' + n.replace('_', '-') for n in ignored)}: they are ignored.",
                               UserWarning, stacklevel=4)
-        if self.max_steps is not None and self._prunes():
+        if self.max_steps is not None and self._prunes(config):
             settings = self.lora2_settings(self.max_steps)
             warmups = settings["init_warmup"] + settings["final_warmup"]
             if ("init_warmup" in self.lora2 or "final_warmup" in self.lora2) and self.max_steps <= warmups:
