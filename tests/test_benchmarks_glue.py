@@ -631,3 +631,41 @@ def test_the_papers_numbers_name_protocol_groups_variants_and_tasks(protocol):
     avg = {"QK": 84.53, "QV": 83.54, "QKV": 84.31, "ALL": 85.70}
     for variant, cells in rows["targets"].items():
         assert (sum(cells.values()) + cola[variant]) / 4 == pytest.approx(avg[variant], abs=0.06), variant
+
+
+DOC_ROWS = {"head only": "head", "lora² k=1, r=8 (defaults)": "lora2", "lora² k=1, r=8, defaults": "lora2",
+            "lora², paper's settings": "lora2_paper", "lora², orthogonal init only": "lora2_orth", "lora r=1": "lora1",
+            "lora r=8": "lora8", "adalora r=2": "adalora", "bitfit": "bitfit", "full fine-tuning": "full"}
+DOC_TASKS = {"MRPC": "mrpc", "STS-B": "stsb", "CoLA": "cola", "RTE": "rte", "SST-2": "sst2"}
+
+
+def quality_table(text: str, heading: str) -> tuple[list[str], list[list[str]]]:
+    """The first markdown table after ``heading``: its header cells and its body rows."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return [c.strip() for c in lines[start].strip("|").split("|")], rows
+
+
+@pytest.mark.parametrize(("doc", "heading"), [("README.md", "## GLUE quality"),
+                                               ("benchmarks/README.md", "Table 1 so far")])
+def test_documented_quality_tables_match_the_gpu_results(protocol, doc, heading):
+    """Every number in the docs' table 1 is the committed results' final mean ×100 (GPU directory), so a doc
+    rewritten by hand cannot drift from the result files."""
+    plan = glue_plan.make_plan(protocol, bench.HERE / "results" / "glue_v2_gpu")
+    header, rows = quality_table((REPO / doc).read_text(encoding="utf-8"), heading)
+    tasks = [DOC_TASKS[h] for h in header if h in DOC_TASKS]
+    assert len(tasks) >= 4 and len(rows) >= 8
+    checked = 0
+    for row in rows:
+        label = row[0].replace("*", "").lower()
+        variant = next(v for k, v in DOC_ROWS.items() if label.startswith(k))
+        for task, cell in zip(tasks, row[2:], strict=True):
+            shown = float(cell.split()[0])
+            assert shown == glue_compare._mean(plan, "table1", variant, task, "final"), (doc, variant, task)
+            checked += 1
+    assert checked == len(rows) * len(tasks)

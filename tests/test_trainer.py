@@ -280,6 +280,29 @@ def test_load_best_model_at_end_says_when_the_best_checkpoint_predates_pruning(t
     assert "The best checkpoint predates the end of pruning" in said[0]
 
 
+def test_plain_trainer_best_model_brings_the_allocator_along(tmp_path):
+    """A plain Trainer reloads the best checkpoint's weights and masks itself; the callback follows with the allocator
+    state saved beside them and says that the adapter predates the end of pruning."""
+    model = lora2_model()
+    run_args = args(tmp_path, eval_strategy="steps", eval_steps=4, save_steps=4, load_best_model_at_end=True,
+                    metric_for_best_model="eval_loss", greater_is_better=True, learning_rate=5e-2)
+    trainer = Trainer(model=model, args=run_args, train_dataset=ToyDataset(), eval_dataset=ToyDataset(n=16, seed=1),
+                      callbacks=[LoRA2Callback()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    best = trainer.state.best_model_checkpoint
+    step = int(best.rsplit("-", 1)[1])
+    assert step < 16  # before the end of pruning (t_init 4, t_final 8 of 24 steps)
+    saved = load_allocator_state(best)
+    assert model.allocator.step == saved["step"] == step
+    assert torch.equal(model.allocator.masks(), saved["tensors"]["masks"])
+    assert model.allocator.masks().sum().item() > model.allocator.b_target
+    assert torch.equal(model.allocator.ema_i["lam"], saved["tensors"]["ema_i.lam"])
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert [m.split(":")[0] for m in said] == [f"load_best_model_at_end loaded checkpoint-{step}"]
+
+
 def test_label_smoothing_keeps_the_regulariser_in_the_loss(tmp_path):
     model = lora2_model()
     trainer = LoRA2Trainer(model=model, args=args(tmp_path, label_smoothing_factor=0.1, save_strategy="no"),

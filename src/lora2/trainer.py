@@ -22,6 +22,8 @@ from .optim import check_lam_lr
 from .persistence import ALLOCATOR_STATE_NAME, WEIGHTS_NAME, load_allocator_state, read_tensors, save_allocator_state
 
 logger = logging.getLogger(__name__)
+BEST_EARLY = ("The best checkpoint predates the end of pruning, so it keeps more singular values than target_rank "
+              "asks for; evaluate with save_steps/eval_steps that reach the schedule's end to compare pruned adapters.")
 
 
 def find_lora2_model(model: Any) -> LoRA2Model:
@@ -130,9 +132,29 @@ class LoRA2Callback(TrainerCallback):
         lora2_model = find_lora2_model(model)
         if self._verified_at != state.global_step:  # LoRA2Trainer verifies before loading the best checkpoint
             self.verify_schedule(state, lora2_model)
+        if not self.best_loaded and not self.adapter_only_checkpoints and args.load_best_model_at_end:
+            self._follow_plain_best_model(state, lora2_model)
         if not self.best_loaded:  # LoRA2Trainer said it already, about the checkpoint it loaded
             lora2_model.warn_if_schedule_unfinished(
                 "training ended", "Training stopped early (e.g. early stopping); max_steps sets the schedule's length.")
+
+    def _follow_plain_best_model(self, state, lora2_model: LoRA2Model) -> None:
+        """A plain Trainer's ``load_best_model_at_end`` restores the best checkpoint's weights and masks (buffers of
+        the full state dict) but not the allocator: bring its step and EMAs to that checkpoint too, so the schedule
+        check below and any further training see the adapter that was loaded."""
+        best = state.best_model_checkpoint
+        if best is None or not (Path(best) / ALLOCATOR_STATE_NAME).is_file():
+            return
+        saved = load_allocator_state(Path(best))
+        if saved["step"] == lora2_model.allocator.step:
+            return
+        masks = saved["tensors"]["masks"]  # type: ignore[index]
+        current = lora2_model.allocator.masks()
+        if not torch.equal(masks.to(device=current.device, dtype=current.dtype), current):
+            return  # the Trainer kept the last model (its loader found nothing): its allocator stays with it
+        lora2_model.allocator.load_state_dict(saved)
+        self.best_loaded = True
+        lora2_model.warn_if_schedule_unfinished(f"load_best_model_at_end loaded {Path(best).name}", BEST_EARLY)
 
     def verify_schedule(self, state, lora2_model: LoRA2Model) -> None:
         """Fail loudly when the allocator did not run exactly once per optimizer step of this training."""
@@ -230,10 +252,7 @@ class LoRA2Trainer(Trainer):
         self._load_from_checkpoint(str(best))
         for cb in callbacks:
             cb.best_loaded = True
-        lora2_model.warn_if_schedule_unfinished(
-            f"load_best_model_at_end loaded {best.name}",
-            "The best checkpoint predates the end of pruning, so it keeps more singular values than target_rank "
-            "asks for; evaluate with save_steps/eval_steps that reach the schedule's end to compare pruned adapters.")
+        lora2_model.warn_if_schedule_unfinished(f"load_best_model_at_end loaded {best.name}", BEST_EARLY)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         lora2_model = find_lora2_model(model if model is not None else self.model)
