@@ -90,9 +90,16 @@ class RankAllocator:
             n += sum(getattr(layer, name).numel() for layer in self.layers for name in OUTER)
         return n
 
+    @property
+    def device(self) -> torch.device:
+        """Where the statistics live: the first adapted matrix's device. A model spread over several devices
+        (``device_map="auto"``) has its per-matrix tensors gathered here; on one device every move is a no-op."""
+        return self.layers[0].lam.device
+
     def _sensitivity(self, params: list[torch.Tensor]) -> torch.Tensor:
-        theta = torch.stack([p.detach() for p in params]).float()
-        grad = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
+        home = self.device
+        theta = torch.stack([p.detach().to(home) for p in params]).float()
+        grad = torch.stack([(p.grad if p.grad is not None else torch.zeros_like(p)).to(home) for p in params]).float()
         return (theta * grad).abs_()
 
     def check_gradients(self, step: int) -> bool:
@@ -107,10 +114,11 @@ class RankAllocator:
                 "optimizer.zero_grad(), while the gradients of this step still exist."
             )
         # One batched check and one host sync in the common case; the loops only run to name a culprit.
-        values = [p.detach().reshape(-1) for ps in params.values() for p in ps]
-        grads = [p.grad.reshape(-1) for ps in params.values() for p in ps if p.grad is not None]
-        lam_grads = [p.grad.reshape(-1) for p in params["lam"] if p.grad is not None]
-        no_lam_grad = torch.zeros((), dtype=torch.bool, device=values[0].device)
+        home = self.device
+        values = [p.detach().reshape(-1).to(home) for ps in params.values() for p in ps]
+        grads = [p.grad.reshape(-1).to(home) for ps in params.values() for p in ps if p.grad is not None]
+        lam_grads = [p.grad.reshape(-1).to(home) for p in params["lam"] if p.grad is not None]
+        no_lam_grad = torch.zeros((), dtype=torch.bool, device=home)
         flags = torch.stack([torch.isfinite(torch.cat(values)).all(), torch.isfinite(torch.cat(grads)).all(),
                              torch.cat(lam_grads).any() if lam_grads else no_lam_grad])
         values_finite, grads_finite, lam_nonzero = flags.tolist()
@@ -175,14 +183,16 @@ class RankAllocator:
         if self.config.importance == "full":
             k = self.config.k
             const = torch.stack([
-                sum((self.outer_i[i][n] * self.outer_u[i][n]).sum() for n in OUTER) / k for i in range(len(self.layers))
+                (sum((self.outer_i[i][n] * self.outer_u[i][n]).sum() for n in OUTER) / k).to(imp.device)
+                for i in range(len(self.layers))
             ])
             imp = imp + const[:, None]
         return imp
 
     # -- masks --------------------------------------------------------------------------------
     def masks(self) -> torch.Tensor:
-        return torch.stack([layer.mask for layer in self.layers])
+        home = self.device
+        return torch.stack([layer.mask.to(home) for layer in self.layers])
 
     def active_counts(self) -> list[int]:
         """Active singular values per matrix, in ``names`` order (one host sync, no decomposition)."""
@@ -205,7 +215,7 @@ class RankAllocator:
         order = torch.sort(imp.flatten(), descending=True, stable=True).indices
         keep = torch.zeros(imp.numel(), dtype=self.layers[0].mask.dtype, device=imp.device)
         keep[order[:budget]] = 1
-        self.set_masks(keep.view_as(imp).to(self.layers[0].mask.device))
+        self.set_masks(keep.view_as(imp))  # each row is copied to its layer's device
 
     def update_and_allocate(self, step: int) -> int | None:
         """Run once per optimizer step (after backward, before zero_grad). Returns b(t) or None."""
@@ -273,14 +283,15 @@ class RankAllocator:
         masks = tensors["masks"]
         if tuple(masks.shape) != (len(self.layers), self.config.r):
             raise ValueError(f"Allocator masks have shape {tuple(masks.shape)}, expected {(len(self.layers), self.config.r)}.")
-        device = self.layers[0].lam.device
+        device = self.device
         self.ema_i = {n: tensors[f"ema_i.{n}"].to(device) for n in INNER if f"ema_i.{n}" in tensors}
         self.ema_u = {n: tensors[f"ema_u.{n}"].to(device) for n in INNER if f"ema_u.{n}" in tensors}
         self.outer_i, self.outer_u = [], []
         if "outer_i.0.p_outer" in tensors:
             for i in range(len(self.layers)):
-                self.outer_i.append({n: tensors[f"outer_i.{i}.{n}"].to(device) for n in OUTER})
-                self.outer_u.append({n: tensors[f"outer_u.{i}.{n}"].to(device) for n in OUTER})
+                own = self.layers[i].lam.device  # per-matrix statistics stay beside their matrix
+                self.outer_i.append({n: tensors[f"outer_i.{i}.{n}"].to(own) for n in OUTER})
+                self.outer_u.append({n: tensors[f"outer_u.{i}.{n}"].to(own) for n in OUTER})
         self.step = int(state["step"])  # type: ignore[arg-type]
         self.num_updates = int(state["num_updates"])  # type: ignore[arg-type]
         for layer, row in zip(self.layers, masks, strict=True):

@@ -41,6 +41,12 @@ def numerical_rank(s: torch.Tensor, dtype: torch.dtype) -> int:
     return int((s > s[0] * s.numel() * eps).sum().item())
 
 
+def float64_device(device: torch.device) -> torch.device:
+    """Where the float64 rank/export work on ``device``'s tensors runs: MPS has no float64, so the CPU there
+    (the work is k×k or one matrix product); anywhere else, in place."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 @dataclass(frozen=True)
 class LoRA2Factors:
     """One adapted matrix: the five factors, the mask, the scale s and the base layout."""
@@ -81,13 +87,16 @@ class LoRA2Factors:
         return dense_update(self.p_outer, self.core(), self.q_outer, self.fan_in_fan_out)
 
     # -- rank and LoRA form from k×k work (float64, only active λ) -----------------------------
+    def _float64(self) -> LoRA2Factors:
+        return self.to(device=float64_device(self.p_outer.device), dtype=torch.float64)
+
     def _reduced(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """s·Δ = Qp · (left · right) · Qqᵀ in float64, Qp and Qq orthonormal, left/right at most k×k.
 
         Only the active, non-zero λ enter, so rank(left · right) ≤ #active structurally and float
         rounding of a k×k core cannot make a pruned matrix look full-rank.
         """
-        f = self.to(torch.float64)
+        f = self._float64()
         lam = f.lam * f.mask * self.scaling
         active = torch.nonzero(lam, as_tuple=True)[0]
         qp, rp = torch.linalg.qr(f.p_outer)  # (d_in, k), (k, k)
@@ -117,20 +126,21 @@ class LoRA2Factors:
         ``exact_rank=False``: rank k, ``A = p_outerᵀ``, ``B = (core · q_outer)ᵀ``. ``exact_rank=True``:
         rank = ``effective_rank()`` (may be 0), singular values split evenly as √σ between A and B.
         """
-        dtype = self.p_outer.dtype
+        dtype, device = self.p_outer.dtype, self.p_outer.device
         if not exact_rank:
-            f = self.to(torch.float64)
-            return f.p_outer.T.to(dtype).contiguous(), (f.core() @ f.q_outer).T.to(dtype).contiguous()
+            f = self._float64()
+            a, b = f.p_outer.T, (f.core() @ f.q_outer).T
+            return a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous()
         qp, left, right, qq = self._reduced()
         if left.shape[1] == 0:
-            return (torch.zeros(0, qp.shape[0], dtype=dtype, device=qp.device),
-                    torch.zeros(qq.shape[0], 0, dtype=dtype, device=qp.device))
+            return (torch.zeros(0, qp.shape[0], dtype=dtype, device=device),
+                    torch.zeros(qq.shape[0], 0, dtype=dtype, device=device))
         q1, u, s, vh, q2 = self._small_svd(left, right)
         rank = numerical_rank(s, dtype)
         root = s[:rank].sqrt()
         a = ((qp @ q1 @ u[:, :rank]) * root).T  # (rank, d_in)
         b = (qq @ q2 @ vh[:rank].T) * root  # (d_out, rank)
-        return a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        return a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous()
 
     # -- validation of tensors read from disk --------------------------------------------------
     def check(self, k: int, r: int, name: str, where: str) -> None:

@@ -193,9 +193,11 @@ class LoRA2Model(nn.Module):
                 or self._adapters_disabled():
             return outputs
         if isinstance(outputs, Mapping) and outputs.get("loss") is not None:
-            outputs["loss"] = outputs["loss"] + gamma * self._regularizer().to(outputs["loss"].dtype)
+            loss = outputs["loss"]
+            outputs["loss"] = loss + gamma * self._regularizer().to(device=loss.device, dtype=loss.dtype)
         elif isinstance(outputs, tuple) and "labels" in kwargs and kwargs["labels"] is not None:
-            outputs = (outputs[0] + gamma * self._regularizer().to(outputs[0].dtype), *outputs[1:])
+            loss = outputs[0]
+            outputs = (loss + gamma * self._regularizer().to(device=loss.device, dtype=loss.dtype), *outputs[1:])
         return outputs
 
     def _adapters_trainable(self) -> bool:

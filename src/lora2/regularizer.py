@@ -76,9 +76,11 @@ def orth_term_means(layers: Iterable[LoRA2Layer], terms: Sequence[str],
     for layer in layers:
         groups.setdefault((layer.d_in, layer.d_out, layer.k, layer.r, layer.lam.dtype, layer.lam.device), []).append(layer)
     sums: dict[str, torch.Tensor] = {}
+    home = layers[0].lam.device  # a model spread over devices sums its terms on the first matrix's
     for group in groups.values():
         stacked = [torch.stack([getattr(la, name) for la in group]) for name in FACTORS]
         for name, value in _terms(*stacked, terms, pq_form).items():
+            value = value.to(home)
             sums[name] = sums[name] + value if name in sums else value
     return {name: sums[name] / len(layers) for name in terms if name in sums}
 

@@ -214,9 +214,9 @@ class LoRA2Trainer(Trainer):
         if lora2_model.training and torch.is_grad_enabled() and lora2_model.regularizer_calls == before:
             reg = lora2_model.regularization_loss()
             if reg is not None:
-                if isinstance(result, tuple):
-                    return (result[0] + reg.to(result[0].dtype), *result[1:])
-                return result + reg.to(result.dtype)
+                loss = result[0] if isinstance(result, tuple) else result
+                loss = loss + reg.to(device=loss.device, dtype=loss.dtype)
+                return (loss, *result[1:]) if isinstance(result, tuple) else loss
         return result
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
