@@ -1,4 +1,5 @@
-"""Devices: float64 work off MPS, and a model spread over two devices (``device_map``-style model parallelism).
+"""Where the model runs: float64 work off MPS, a model spread over two devices (``device_map``-style model
+parallelism), and ``torch.compile``.
 
 The two-device test needs a CUDA device beside the CPU; without one it is skipped (the CPU-only CI cannot
 place layers on two devices). The GPU sessions run it."""
@@ -90,3 +91,42 @@ def test_a_model_spread_over_two_devices_trains_prunes_saves_and_reloads(tmp_pat
         reloaded = LoRA2Model.from_pretrained(tiny_bert(), tmp_path).eval()
         assert torch.allclose(reloaded(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, spread_logits,
                               atol=1e-4)
+
+
+def test_torch_compile_traces_once_and_trains_like_eager():
+    """The wrapper's per-step counters stay out of compiled graphs: a compiled model does not recompile every
+    step (it used to, hitting dynamo's recompile limit and falling back to eager), and it trains exactly like
+    the eager one. The eager backend shows the guards without the compiler's minutes of C++ on a CPU."""
+    torch._dynamo.reset()
+
+    def build() -> LoRA2Model:
+        cfg = LoRA2Config(k=2, r=4, target_rank=1, total_step=10, init_warmup=2, final_warmup=2, mask_interval=1,
+                          target_modules=BERT_TARGETS, modules_to_save=["classifier"])
+        model = get_lora2_model(tiny_bert(), cfg).train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model
+
+    compiled_model, eager = build(), build()
+    eager.load_state_dict(compiled_model.state_dict())
+    compiled = torch.compile(compiled_model, backend="eager")
+    optimizers = [torch.optim.AdamW(m.optimizer_param_groups(1e-2)) for m in (compiled_model, eager)]
+    gen = torch.Generator().manual_seed(0)
+    graphs = []
+    for step in range(1, 11):
+        ids = torch.randint(1, 120, (4, 8), generator=gen)
+        for model, forward, optimizer in zip((compiled_model, eager), (compiled, eager), optimizers, strict=True):
+            forward(input_ids=ids, labels=(ids[:, 0] > 60).long()).loss.backward()
+            optimizer.step()
+            model.update_and_allocate(step)
+            optimizer.zero_grad()
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[1] == graphs[-1]  # nothing compiled after step 2 (step 2 recompiles for BERT's own problem_type)
+    assert compiled_model.regularizer_calls == eager.regularizer_calls == 10
+    assert torch.equal(compiled_model.last_orth_reg, eager.last_orth_reg)
+    assert compiled_model.active_pattern() == eager.active_pattern()
+    assert compiled_model.allocator.masks().sum().item() == compiled_model.allocator.b_target
+    for (name, a), b in zip(compiled_model.state_dict().items(), eager.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name

@@ -166,11 +166,17 @@ class LoRA2Model(nn.Module):
         cfg = self.lora2_config
         means = orth_term_means(self.lora2_layers.values(), cfg.orth_terms, cfg.pq_form)
         reg: torch.Tensor = sum(means.values())  # type: ignore[assignment]  # orth_terms is not empty here
+        self._record_regularizer(reg.detach(), {name: value.detach() for name, value in means.items()})
+        return reg
+
+    @torch.compiler.disable
+    def _record_regularizer(self, reg: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Bookkeeping outside any compiled graph: under ``torch.compile`` a counter read in the graph is a guard,
+        and a guard that changes every step recompiles every step."""
         self._reg_since_update = True
         self.regularizer_calls += 1
-        self.last_orth_reg = reg.detach()
-        self._last_orth_terms = {name: value.detach() for name, value in means.items()}
-        return reg
+        self.last_orth_reg = reg
+        self._last_orth_terms = terms
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model; in training mode add γ·R to its loss whenever it computes one (method.md §3).
@@ -203,8 +209,10 @@ class LoRA2Model(nn.Module):
     def _adapters_trainable(self) -> bool:
         return any(getattr(la, n).requires_grad for la in self.lora2_layers.values() for n in ADAPTER_PARAMETERS)
 
+    @torch.compiler.disable
     def _note_training_forward(self) -> None:
-        """A forward that builds a graph for trainable adapters (in either mode: a loop may forget train())."""
+        """A forward that builds a graph for trainable adapters (in either mode: a loop may forget train()). Kept out
+        of ``torch.compile``'s graphs, like ``_record_regularizer``: its counters change every step."""
         self._trained_since_update |= self.training
         if not self.allocator.prunes or self.allocator.num_updates > 0:
             return
