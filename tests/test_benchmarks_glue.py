@@ -654,8 +654,9 @@ def quality_table(text: str, heading: str) -> tuple[list[str], list[list[str]]]:
 @pytest.mark.parametrize(("doc", "heading"), [("README.md", "## GLUE quality"),
                                                ("benchmarks/README.md", "Table 1 so far")])
 def test_documented_quality_tables_match_the_gpu_results(protocol, doc, heading):
-    """Every number in the docs' table 1 is the committed results' final mean ×100 (GPU directory), so a doc
-    rewritten by hand cannot drift from the result files."""
+    """Every metric cell of the docs' table 1 is the committed results' final mean ×100 over the seeds there (GPU
+    directory), so a doc rewritten by hand cannot drift from the result files; when seeds 1 and 2 arrive, the
+    docs must be rewritten to their means. (The params column is a range the tables compute; not checked.)"""
     plan = glue_plan.make_plan(protocol, bench.HERE / "results" / "glue_v2_gpu")
     header, rows = quality_table((REPO / doc).read_text(encoding="utf-8"), heading)
     tasks = [DOC_TASKS[h] for h in header if h in DOC_TASKS]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora2 import LoRA2Config, LoRA2Model, get_lora2_model
+from lora2 import LoRA2Config, LoRA2Layer, LoRA2Model, get_lora2_model
 from lora2.factors import LoRA2Factors, float64_device
+from lora2.trainer import find_lora2_model
 
 from .conftest import BERT_TARGETS, tiny_bert
 
@@ -82,6 +83,9 @@ def test_a_model_spread_over_two_devices_trains_prunes_saves_and_reloads(tmp_pat
     state = alloc.state_dict()
     alloc.load_state_dict(state)
     assert torch.equal(alloc.masks(), state["tensors"]["masks"])
+    assert {t.device for t in (*alloc.ema_i.values(), *alloc.ema_u.values())} == {alloc.device}
+    for layer, stats in zip(alloc.layers, alloc.outer_i + alloc.outer_u, strict=False):  # "full" only
+        assert {t.device for t in stats.values()} == {layer.lam.device}  # beside their matrix, where EMAs add up
 
     model.save_pretrained(tmp_path)
     model.eval()
@@ -130,3 +134,17 @@ def test_torch_compile_traces_once_and_trains_like_eager():
     assert compiled_model.allocator.masks().sum().item() == compiled_model.allocator.b_target
     for (name, a), b in zip(compiled_model.state_dict().items(), eager.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_offloaded_layers_are_refused_before_the_model_changes():
+    """accelerate leaves an offloaded layer's weight on the meta device: factors made beside it would hold no data."""
+    with torch.device("meta"):
+        base = tiny_bert()
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.0\.attention\.self\.query\.weight is on the meta"):
+        get_lora2_model(base, LoRA2Config(k=2, r=4, target_modules=BERT_TARGETS, modules_to_save=["classifier"]))
+    assert not any(isinstance(m, LoRA2Layer) for m in base.modules())
+
+
+def test_the_callback_finds_a_compiled_model():
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_modules=BERT_TARGETS, modules_to_save=["classifier"]))
+    assert find_lora2_model(torch.compile(model, backend="eager")) is model

@@ -303,6 +303,25 @@ def test_plain_trainer_best_model_brings_the_allocator_along(tmp_path):
     assert [m.split(":")[0] for m in said] == [f"load_best_model_at_end loaded checkpoint-{step}"]
 
 
+def test_plain_trainer_best_follow_needs_the_checkpoints_weights_not_just_its_masks(tmp_path):
+    """Masks are frozen in the last phase, so a checkpoint from there has the final masks whether or not the Trainer
+    restored it; only its λ tell. The allocator follows when the weights are the checkpoint's, and only then."""
+    from safetensors.torch import load_file
+
+    model = lora2_model()
+    callback = LoRA2Callback()
+    trainer = Trainer(model=model, args=args(tmp_path, save_steps=4), train_dataset=ToyDataset(), callbacks=[callback])
+    trainer.train()
+    late = tmp_path / "checkpoint-20"  # in the final phase (pruning ends at step 16)
+    assert torch.equal(load_allocator_state(late)["tensors"]["masks"], model.allocator.masks())
+    trainer.state.best_model_checkpoint = str(late)
+    callback._follow_plain_best_model(trainer.state, model)  # the Trainer kept the last model
+    assert model.allocator.step == 24 and not callback.best_loaded
+    model.load_state_dict(load_file(late / "model.safetensors"))  # what the Trainer's restore does
+    callback._follow_plain_best_model(trainer.state, model)
+    assert model.allocator.step == 20 and callback.best_loaded
+
+
 def test_label_smoothing_keeps_the_regulariser_in_the_loss(tmp_path):
     model = lora2_model()
     trainer = LoRA2Trainer(model=model, args=args(tmp_path, label_smoothing_factor=0.1, save_strategy="no"),

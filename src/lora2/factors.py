@@ -88,7 +88,8 @@ class LoRA2Factors:
 
     # -- rank and LoRA form from k×k work (float64, only active λ) -----------------------------
     def _float64(self) -> LoRA2Factors:
-        return self.to(device=float64_device(self.p_outer.device), dtype=torch.float64)
+        # move, then cast: one MPS → CPU float64 copy would ask MPS for the float64 cast it does not have
+        return self.to(float64_device(self.p_outer.device)).to(torch.float64)
 
     def _reduced(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """s·Δ = Qp · (left · right) · Qqᵀ in float64, Qp and Qq orthonormal, left/right at most k×k.

@@ -36,6 +36,20 @@ logger = logging.getLogger(__name__)
 IDLE_FORWARDS_WARNING = 200
 
 
+def _refuse_offloaded(found: list[tuple[str, nn.Module]]) -> None:
+    """Weights on the meta device belong to layers that accelerate offloads (a ``device_map`` entry 'cpu' or
+    'disk' beside a GPU) or to a model not materialised yet: factors created beside them would hold no data."""
+    for name, module in found:
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type == "meta":
+            raise ValueError(
+                f"{name}.weight is on the meta device: the layer is offloaded (a device_map with 'cpu' or 'disk' "
+                "entries beside a GPU) or the model is not materialised yet. LoRA² creates its factors beside the "
+                "base weights and cannot train offloaded layers: load the model with a device_map that places every "
+                "adapted layer on a GPU (or the whole model on the CPU), or load its weights before wrapping."
+            )
+
+
 class LoRA2Model(nn.Module):
     """A model with LoRA² adapters; attribute access falls through to the wrapped model."""
 
@@ -65,6 +79,7 @@ class LoRA2Model(nn.Module):
         self.lora2_layers: dict[str, LoRA2Layer] = {}
         found = find_targets(model, config.target_modules, self.modules_to_save_names)
         config.budgets(len(found))  # a budget that cannot fit fails before the base model is changed
+        _refuse_offloaded(found)
         self._inject(found)
         self._freeze()
         self.allocator = RankAllocator(list(self.lora2_layers), list(self.lora2_layers.values()), config)
@@ -156,7 +171,8 @@ class LoRA2Model(nn.Module):
 
     def regularization_loss(self) -> torch.Tensor | None:
         """γ·R as its own loss (terms recorded for logging), for loops that keep it out of the model's loss
-        (``regularizer_in_loss = False``), e.g. to clip the task gradient alone; None when γ or the terms are off."""
+        (``regularizer_in_loss = False``), e.g. to clip the task gradient alone; None when γ or the terms are off.
+        It is on the first adapted matrix's device: with a model spread over devices, ``.to(loss.device)``."""
         if self.lora2_config.orth_reg_weight == 0 or not self.lora2_config.orth_terms:
             return None
         return self.lora2_config.orth_reg_weight * self._regularizer()

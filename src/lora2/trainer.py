@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_NAME as FULL_WEIGHTS_NAME
 from transformers.utils import find_labels
 
 from .model import LoRA2Model
@@ -29,8 +31,8 @@ BEST_EARLY = ("The best checkpoint predates the end of pruning, so it keeps more
 def find_lora2_model(model: Any) -> LoRA2Model:
     """Unwrap DDP/accelerate containers down to the LoRA2Model."""
     seen = model
-    while not isinstance(seen, LoRA2Model) and hasattr(seen, "module"):
-        seen = seen.module
+    while not isinstance(seen, LoRA2Model) and (hasattr(seen, "module") or hasattr(seen, "_orig_mod")):
+        seen = seen.module if hasattr(seen, "module") else seen._orig_mod  # DDP, accelerate; torch.compile
     if not isinstance(seen, LoRA2Model):
         raise TypeError(
             f"LoRA2Callback needs the Trainer's model to be a LoRA2Model (from lora2.get_lora2_model), "
@@ -84,7 +86,9 @@ class LoRA2Callback(TrainerCallback):
             if not (checkpoint / ALLOCATOR_STATE_NAME).is_file():
                 raise RuntimeError(
                     f"Resuming at step {state.global_step}, but {checkpoint} holds no LoRA² allocator state "
-                    f"({ALLOCATOR_STATE_NAME}); the run cannot continue identically. Was it saved without LoRA2Callback?"
+                    f"({ALLOCATOR_STATE_NAME}); the run cannot continue identically. Was it saved without LoRA2Callback? "
+                    "A plain Trainer's callback looks for it under output_dir only: to resume from a checkpoint "
+                    "elsewhere, use lora2.LoRA2Trainer, which reads it from the checkpoint you name."
                 )
             lora2_model.allocator.load_state_dict(load_allocator_state(checkpoint))
             logger.info("LoRA²: allocator state restored from %s", checkpoint)
@@ -123,7 +127,7 @@ class LoRA2Callback(TrainerCallback):
             state.log_history[-1].update(extra)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
+        if not args.should_save:  # process 0, or each node's first with save_on_each_node (the weights' rule)
             return
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         save_allocator_state(checkpoint, find_lora2_model(model).allocator.state_dict())
@@ -146,15 +150,24 @@ class LoRA2Callback(TrainerCallback):
         if best is None or not (Path(best) / ALLOCATOR_STATE_NAME).is_file():
             return
         saved = load_allocator_state(Path(best))
-        if saved["step"] == lora2_model.allocator.step:
-            return
-        masks = saved["tensors"]["masks"]  # type: ignore[index]
-        current = lora2_model.allocator.masks()
-        if not torch.equal(masks.to(device=current.device, dtype=current.dtype), current):
+        if saved["step"] == lora2_model.allocator.step or not self._holds_weights_of(Path(best), lora2_model):
             return  # the Trainer kept the last model (its loader found nothing): its allocator stays with it
         lora2_model.allocator.load_state_dict(saved)
         self.best_loaded = True
         lora2_model.warn_if_schedule_unfinished(f"load_best_model_at_end loaded {Path(best).name}", BEST_EARLY)
+
+    @staticmethod
+    def _holds_weights_of(checkpoint: Path, lora2_model: LoRA2Model) -> bool:
+        """Whether the model now holds this checkpoint's λ and masks (read alone from its full state dict): the
+        evidence that the Trainer restored it, which equal masks alone are not (they are frozen at the end)."""
+        path = checkpoint / FULL_WEIGHTS_NAME
+        if not path.is_file():
+            return False
+        live = {n: t for n, t in lora2_model.state_dict().items() if n.endswith((".lam", ".mask"))}
+        with safe_open(str(path), framework="pt") as f:
+            if not set(live) <= set(f.keys()):
+                return False
+            return all(torch.equal(f.get_tensor(n).to(device=t.device, dtype=t.dtype), t) for n, t in live.items())
 
     def verify_schedule(self, state, lora2_model: LoRA2Model) -> None:
         """Fail loudly when the allocator did not run exactly once per optimizer step of this training."""
