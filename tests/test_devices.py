@@ -137,10 +137,14 @@ def test_torch_compile_traces_once_and_trains_like_eager():
 
 
 def test_offloaded_layers_are_refused_before_the_model_changes():
-    """accelerate leaves an offloaded layer's weight on the meta device: factors made beside it would hold no data."""
-    with torch.device("meta"):
-        base = tiny_bert()
-    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.0\.attention\.self\.query\.weight is on the meta"):
+    """accelerate leaves an offloaded layer's weight on the meta device: factors made beside it would hold no data.
+    ``main_device="meta"`` takes the code path of a GPU main device with 'cpu' entries (offload), without a GPU."""
+    from accelerate import dispatch_model
+
+    device_map = {"bert.embeddings": "cpu", "bert.encoder": "cpu", "bert.pooler": "cpu", "classifier": "cpu"}
+    base = dispatch_model(tiny_bert(), device_map=device_map, main_device=torch.device("meta"), force_hooks=True)
+    assert base.bert.encoder.layer[0].attention.self.query.weight.device.type == "meta"
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.0\.attention\.self\.query is offloaded"):
         get_lora2_model(base, LoRA2Config(k=2, r=4, target_modules=BERT_TARGETS, modules_to_save=["classifier"]))
     assert not any(isinstance(m, LoRA2Layer) for m in base.modules())
 

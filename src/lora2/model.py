@@ -37,16 +37,17 @@ IDLE_FORWARDS_WARNING = 200
 
 
 def _refuse_offloaded(found: list[tuple[str, nn.Module]]) -> None:
-    """Weights on the meta device belong to layers that accelerate offloads (a ``device_map`` entry 'cpu' or
-    'disk' beside a GPU) or to a model not materialised yet: factors created beside them would hold no data."""
+    """accelerate's offloading (a ``device_map`` entry 'cpu' or 'disk' beside a GPU) leaves a layer's weight on
+    the meta device and loads it for each forward: factors created beside it would hold no data. A model built
+    on the meta device on purpose (shapes and counts) has no such hook and is wrapped as usual."""
     for name, module in found:
         weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.device.type == "meta":
+        if isinstance(weight, torch.Tensor) and weight.device.type == "meta" and hasattr(module, "_hf_hook"):
             raise ValueError(
-                f"{name}.weight is on the meta device: the layer is offloaded (a device_map with 'cpu' or 'disk' "
-                "entries beside a GPU) or the model is not materialised yet. LoRA² creates its factors beside the "
-                "base weights and cannot train offloaded layers: load the model with a device_map that places every "
-                "adapted layer on a GPU (or the whole model on the CPU), or load its weights before wrapping."
+                f"{name} is offloaded by accelerate (a device_map with 'cpu' or 'disk' entries beside a GPU): its "
+                "weight lives on the meta device between forwards. LoRA² creates its factors beside the base "
+                "weights and cannot train offloaded layers: load the model with a device_map that places every "
+                "adapted layer on a GPU (max_memory, or fewer layers per GPU), or the whole model on the CPU."
             )
 
 
