@@ -322,6 +322,26 @@ def test_plain_trainer_best_follow_needs_the_checkpoints_weights_not_just_its_ma
     assert model.allocator.step == 20 and callback.best_loaded
 
 
+def test_allocator_state_goes_to_the_folder_the_trainer_saved(tmp_path):
+    """Under hyperparameter_search the Trainer saves to output_dir/run-<trial>/checkpoint-N; the callback, which is
+    not told the trial, puts the allocator state beside those weights, not in a folder of its own."""
+    import os
+    from types import SimpleNamespace
+
+    from lora2.trainer import checkpoint_dir
+
+    run_args, state = args(tmp_path), SimpleNamespace(global_step=8, is_world_process_zero=True)
+    assert checkpoint_dir(run_args, state) == tmp_path / "checkpoint-8"  # nothing saved yet: the usual place
+    trial = tmp_path / "run-2" / "checkpoint-8"
+    trial.mkdir(parents=True)
+    model = lora2_model()
+    LoRA2Callback().on_save(run_args, state, None, model=model)
+    assert (trial / ALLOCATOR_STATE_NAME).is_file() and not (tmp_path / "checkpoint-8").exists()
+    (tmp_path / "checkpoint-8").mkdir()  # a plain run beside an old trial's folder: the newest one is this step's
+    os.utime(trial, ns=(1, 1))
+    assert checkpoint_dir(run_args, state) == tmp_path / "checkpoint-8"
+
+
 def test_label_smoothing_keeps_the_regulariser_in_the_loss(tmp_path):
     model = lora2_model()
     trainer = LoRA2Trainer(model=model, args=args(tmp_path, label_smoothing_factor=0.1, save_strategy="no"),

@@ -41,6 +41,16 @@ def find_lora2_model(model: Any) -> LoRA2Model:
     return seen
 
 
+def checkpoint_dir(args, state) -> Path:
+    """The Trainer's folder for this step's checkpoint: ``output_dir/checkpoint-N``, or, under
+    ``hyperparameter_search``, the trial's ``output_dir/run-*/checkpoint-N`` (the newest one that exists; a
+    callback is not told the trial)."""
+    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    root = Path(args.output_dir)
+    found = [d for d in (root / name, *root.glob(f"*/{name}")) if d.is_dir()]
+    return max(found, key=lambda d: d.stat().st_mtime_ns) if found else root / name
+
+
 def log_values(lora2_model: LoRA2Model) -> dict[str, float]:
     """Active singular values (mask sums, no rank computation), the current budget b(t), and the last
     regulariser value with each of its terms."""
@@ -82,7 +92,7 @@ class LoRA2Callback(TrainerCallback):
         if not self.adapter_only_checkpoints:
             self._check_checkpointing(args, lora2_model)
         if state.global_step > 0 and lora2_model.allocator.step != state.global_step:
-            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            checkpoint = checkpoint_dir(args, state)
             if not (checkpoint / ALLOCATOR_STATE_NAME).is_file():
                 raise RuntimeError(
                     f"Resuming at step {state.global_step}, but {checkpoint} holds no LoRA² allocator state "
@@ -129,7 +139,7 @@ class LoRA2Callback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if not args.should_save:  # process 0, or each node's first with save_on_each_node (the weights' rule)
             return
-        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        checkpoint = checkpoint_dir(args, state)
         save_allocator_state(checkpoint, find_lora2_model(model).allocator.state_dict())
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
