@@ -102,6 +102,20 @@ def test_save_and_load_round_trip(arch, tmp_path):
     assert meta["config"]["k"] == 2 and meta["rank_pattern"][next(iter(model.lora2_layers))]["active"] == 3
 
 
+def test_an_adapter_from_before_a_field_existed_keeps_the_settings_it_trained_with(tmp_path):
+    """0.2.0 changed the defaults of init and lam_lr_ratio; an adapter whose config predates those fields trained
+    with the Gaussian init and one learning rate, and reloading it to train further must not switch λ to ×16."""
+    _, model = build("bert")
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "lora2_config.json").read_text())
+    assert meta["config"]["lam_lr_ratio"] == 16.0  # written explicitly today
+    del meta["config"]["lam_lr_ratio"], meta["config"]["init"]
+    (tmp_path / "lora2_config.json").write_text(json.dumps(meta))
+    old = LoRA2Model.from_pretrained(build("bert")[0], tmp_path, is_trainable=True).lora2_config
+    assert (old.lam_lr_ratio, old.init) == (1.0, "gaussian")
+    assert LoRA2Config().lam_lr_ratio == 16.0 and LoRA2Config().init == "orthogonal"  # new configs: the defaults
+
+
 def test_generate_passes_through():
     _, model = build("llama")
     randomize_adapters(model, std=0.1)

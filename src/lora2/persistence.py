@@ -143,6 +143,11 @@ def save_adapter(model: LoRA2Model, save_directory: str | Path) -> None:
     })
 
 
+# Settings an adapter written before the field was added trained with, where today's default differs (0.2.0
+# changed init and λ's learning rate): reloading it to train further keeps its behaviour, not today's defaults.
+FIELDS_BEFORE_THEY_EXISTED = {"init": "gaussian", "lam_lr_ratio": 1.0}
+
+
 def read_adapter_meta(directory: Path) -> tuple[dict[str, Any], LoRA2Config]:
     """``lora2_config.json`` of an adapter directory, validated: (metadata, config)."""
     if not directory.exists():
@@ -158,7 +163,10 @@ def read_adapter_meta(directory: Path) -> tuple[dict[str, Any], LoRA2Config]:
     meta = read_json(directory / CONFIG_NAME)
     if not isinstance(meta, dict) or meta.get("library") != "lora2" or "config" not in meta:
         raise ValueError(f"{directory / CONFIG_NAME} is not a LoRA² adapter config (no 'library': 'lora2' / 'config').")
-    return meta, LoRA2Config.from_dict(meta["config"])
+    config = meta["config"]
+    if isinstance(config, dict):  # an adapter from before a field existed trained with that field's value then
+        config = {**FIELDS_BEFORE_THEY_EXISTED, **config}
+    return meta, LoRA2Config.from_dict(config)
 
 
 def load_adapter_state(model: LoRA2Model, tensors: Mapping[str, torch.Tensor], source: str = "adapter") -> None:
