@@ -414,7 +414,7 @@ def test_a_task_head_left_frozen_warns_unless_chosen():
 
 def _one_step(model, batch, loss_outside: bool = False, step: int = 1) -> None:
     """One optimizer step; ``loss_outside``: the loop computes the loss from the logits (the model sees no labels)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD(model.optimizer_param_groups(1e-3))
     if loss_outside:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         loss = nn.functional.cross_entropy(logits, batch["labels"])

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -17,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lora2 import LoRA2Config, LoRA2Layer, LoRA2Model, get_lora2_model
+from lora2 import LoRA2Config, LoRA2Layer, LoRA2Model, export_to_peft, get_lora2_model, orth_regularization
 from lora2.persistence import WEIGHTS_NAME
 
-from .conftest import REPO, randomize_adapters, tiny_bert
+from .conftest import BERT_TARGETS, REPO, randomize_adapters, tiny_bert
 
 # -- SIGKILL while writing ----------------------------------------------------------------------
 WRITER = r"""
@@ -161,6 +162,107 @@ def test_bf16_autocast_keeps_allocator_statistics_in_float32():
     assert all(t.dtype == torch.float32 for t in (*model.allocator.ema_i.values(), *model.allocator.ema_u.values()))
     assert all(layer.lam.dtype == torch.float32 for layer in model.lora2_layers.values())
     assert model.allocator.masks().sum().item() < 4 * len(model.lora2_layers)  # it pruned
+
+
+def test_casting_the_model_to_half_precision_keeps_the_adapter_in_float32():
+    """model.half() / .bfloat16() after wrapping cast the base only: in bf16 most factor updates would round away."""
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_modules=BERT_TARGETS, modules_to_save=["classifier"]))
+    randomize_adapters(model, std=0.1)
+    layer = next(iter(model.lora2_layers.values()))
+    before = {n: getattr(layer, n).detach().clone() for n in ("p_outer", "lam", "mask")}
+    for cast, base_dtype in (("half", torch.float16), ("bfloat16", torch.bfloat16)):
+        getattr(model, cast)()
+        assert layer.base_layer.weight.dtype == base_dtype
+        for name, value in before.items():
+            assert getattr(layer, name).dtype == torch.float32 and torch.equal(getattr(layer, name), value), name
+    assert isinstance(layer.p_outer, nn.Parameter) and layer.p_outer.requires_grad
+    model.train()
+    optimizer = torch.optim.AdamW(model.optimizer_param_groups(1e-4))
+    model(input_ids=torch.randint(1, 120, (4, 8)), labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    optimizer.step()
+    for name in ("p_outer", "p_inner", "q_inner", "q_outer"):  # every entry moved (in bf16 most did not)
+        assert bool((getattr(layer, name) != 0).all()) and layer.p_outer.grad.dtype == torch.float32
+    assert (layer.p_outer.detach() != before["p_outer"]).all()
+    model.double()  # a wider cast applies as usual
+    assert layer.p_outer.dtype == torch.float64 and layer.base_layer.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("pq_form", ["literal", "rank"])
+def test_the_regulariser_is_float32_under_bf16_autocast(pq_form):
+    """Gram − I near orthogonality cancels to bf16 noise: R (and its gradient) is formed outside autocast."""
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=4, r=8, pq_form=pq_form, target_modules=BERT_TARGETS,
+                                                     modules_to_save=["classifier"]))
+    layers = list(model.lora2_layers.values())
+    with torch.no_grad():
+        for layer in layers:
+            for name in ("p_outer", "p_inner", "q_inner", "q_outer"):
+                getattr(layer, name).add_(1e-3 * torch.randn_like(getattr(layer, name)))
+    plain = orth_regularization(layers, ("uv", "UV", "PQ"), pq_form)
+    grad_plain = torch.autograd.grad(plain, layers[0].p_outer)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = orth_regularization(layers, ("uv", "UV", "PQ"), pq_form)
+    grad_auto = torch.autograd.grad(auto, layers[0].p_outer)[0]  # backward outside autocast, as torch advises
+    assert auto.dtype == torch.float32 and float(auto) == pytest.approx(float(plain), rel=1e-6)
+    torch.testing.assert_close(grad_auto, grad_plain, rtol=1e-5, atol=1e-8)
+
+
+def test_schedule_mistakes_in_a_custom_loop_raise_or_warn():
+    """Per-micro-batch calls overrun total_step; total_step set after wrapping may leave no pruning phase; an
+    optimizer over model.parameters() ignores lam_lr_ratio."""
+    def wrapped(**kw):
+        cfg = LoRA2Config(k=2, r=4, target_rank=1, target_modules=["query"], modules_to_save=[], **kw)
+        return get_lora2_model(tiny_bert(), cfg).train()
+
+    def step(model, optimizer, n):
+        model(input_ids=torch.randint(1, 120, (2, 6)), labels=torch.tensor([0, 1])).loss.backward()
+        optimizer.step()
+        model.update_and_allocate(n)
+        optimizer.zero_grad()
+
+    model = wrapped(total_step=6, init_warmup=1, final_warmup=1, mask_interval=1)
+    optimizer = torch.optim.AdamW(model.optimizer_param_groups(1e-3))
+    for n in range(1, 7):
+        step(model, optimizer, n)
+    with pytest.raises(ValueError, match=r"step=7\) beyond total_step=6.*once per optimizer step"):
+        step(model, optimizer, 7)
+
+    late = wrapped(init_warmup=5, final_warmup=10)
+    late.lora2_config.total_step = 12  # set after wrapping: 12 <= 5 + 10
+    with pytest.raises(ValueError, match=r"total_step=12 leaves no pruning phase"):
+        step(late, torch.optim.AdamW(late.optimizer_param_groups(1e-3)), 1)
+
+    plain = wrapped(total_step=6, init_warmup=1, final_warmup=1)
+    with pytest.warns(RuntimeWarning, match=r"lam_lr_ratio=16 acts only through model.optimizer_param_groups"):
+        step(plain, torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-3), 1)
+    one_rate = wrapped(total_step=6, init_warmup=1, final_warmup=1, lam_lr_ratio=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        step(one_rate, torch.optim.AdamW([p for p in one_rate.parameters() if p.requires_grad], lr=1e-3), 1)
+
+
+def test_a_config_edited_after_wrapping_is_not_saved_or_exported(tmp_path):
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, alpha=16, target_modules=["query"], modules_to_save=[]))
+    model.lora2_config.alpha = 64  # the layers keep s = 16 / 4
+    with pytest.raises(ValueError, match=r"s = 4 but lora2_config now gives s = 16"):
+        model.save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"alpha, r or scaling_rule changed after wrapping"):
+        export_to_peft(model, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_regulariser_logged_under_no_grad_is_not_taken_for_one_in_the_loss():
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_modules=["query"], modules_to_save=["classifier"],
+                                                     total_step=10, init_warmup=2, final_warmup=2))
+    model.train()
+    model.regularizer_in_loss = False
+    optimizer = torch.optim.AdamW(model.optimizer_param_groups(1e-3))
+    model(input_ids=torch.randint(1, 120, (2, 6)), labels=torch.tensor([0, 1])).loss.backward()
+    with torch.no_grad():
+        logged = model.regularization_loss()  # for a progress bar only
+    assert logged is not None and model.regularizer_calls == 0
+    optimizer.step()
+    with pytest.warns(RuntimeWarning, match="without the orthogonality regulariser"):
+        model.update_and_allocate(1)
 
 
 def test_partial_checkpoints_are_never_resumed_from(tmp_path):

@@ -43,6 +43,7 @@ def source_from_model(model: Any) -> LoRA2Source:
     if getattr(model, "_unloaded", False):
         raise ValueError("This LoRA2Model was unloaded by merge_and_unload(); export the model before merging, "
                          "or export its saved adapter directory.")
+    model.check_config_matches_layers()
     saved: dict[str, torch.Tensor] = {}
     for name in model.modules_to_save_names:
         for key, value in model.base_model.get_submodule(name).state_dict().items():

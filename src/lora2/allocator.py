@@ -53,6 +53,8 @@ class RankAllocator:
                 "LoRA2Config.total_step is not set, so the budget schedule is undefined. Set total_step to the "
                 "number of optimizer steps, or train with lora2.LoRA2Callback(), which takes it from the Trainer."
             )
+        if self.prunes:  # also when total_step was set on the config after wrapping
+            self.config.check_schedule(total)
         return total
 
     def phase(self, step: int) -> str:
@@ -126,9 +128,12 @@ class RankAllocator:
             for name, ps in params.items():
                 for layer_name, p in zip(self.names, ps, strict=True):
                     if not bool(torch.isfinite(p.detach()).all()):
+                        low = p.dtype in (torch.float16, torch.bfloat16)
                         raise FloatingPointError(
-                            f"{name} of {layer_name} holds NaN/inf at step {step}: training has diverged. Lower the "
-                            "learning rate or enable gradient clipping; the allocator refuses to build a mask from it."
+                            f"{name} of {layer_name} holds NaN/inf at step {step}: training has diverged. "
+                            + (f"The adapter is in {p.dtype} (set after wrapping?): train it in float32. " if low else "")
+                            + "Lower the learning rate or enable gradient clipping; the allocator refuses to build a "
+                            "mask from it."
                         )
         if not grads_finite:
             for name, ps in params.items():
@@ -224,7 +229,15 @@ class RankAllocator:
         if step <= self.step:
             raise ValueError(
                 f"update_and_allocate(step={step}) after step {self.step}: it must run exactly once per optimizer "
-                "step with increasing step numbers (is it called both in your loop and by LoRA2Callback?)."
+                "step with increasing step numbers (is it called both in your loop and by LoRA2Callback, or once per "
+                "micro-batch under gradient accumulation?)."
+            )
+        if self.prunes and step > self._total_step():
+            raise ValueError(
+                f"update_and_allocate(step={step}) beyond total_step={self.config.total_step}: the budget schedule is "
+                "over, so a longer run would have compressed it. With gradient accumulation call it once per optimizer "
+                "step (not per micro-batch) with the optimizer step number; to train longer, set total_step to the "
+                "number of optimizer steps you train."
             )
         self.masks_recomputed = False
         if not self.prunes:

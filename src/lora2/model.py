@@ -12,6 +12,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import math
 import warnings
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -98,6 +99,7 @@ class LoRA2Model(nn.Module):
         self._warned_no_reg = False
         self._warned_eval = False
         self.regularizer_calls = 0  # γ·R computations for a loss (LoRA2Trainer checks each step has one)
+        self._lam_groups_built = False  # optimizer_param_groups() built (or check_lam_lr verified) λ's rate
         self._warn_if_head_frozen(model)
         # A 🤗 model loads in eval mode: the wrapper follows the base, each new layer its own base layer, and no
         # submodule's mode is touched (a part kept in eval on purpose stays so).
@@ -189,11 +191,25 @@ class LoRA2Model(nn.Module):
     @torch.compiler.disable
     def _record_regularizer(self, reg: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         """Bookkeeping outside any compiled graph: under ``torch.compile`` a counter read in the graph is a guard,
-        and a guard that changes every step recompiles every step."""
-        self._reg_since_update = True
-        self.regularizer_calls += 1
+        and a guard that changes every step recompiles every step. Only a value with a graph counts as γ·R in
+        a loss (one computed under no_grad for logging does not)."""
+        if torch.is_grad_enabled():
+            self._reg_since_update = True
+            self.regularizer_calls += 1
         self.last_orth_reg = reg
         self._last_orth_terms = terms
+
+    def check_config_matches_layers(self) -> None:
+        """Raise if ``lora2_config`` was edited after wrapping in a way the layers do not follow (α, r or the
+        scaling rule change s): the saved config would reload the adapter at another scale."""
+        expected = self.lora2_config.scaling
+        for name, layer in self.lora2_layers.items():
+            if not math.isclose(layer.scaling, expected, rel_tol=1e-9):
+                raise ValueError(
+                    f"{name} scales its update by s = {layer.scaling:g} but lora2_config now gives s = {expected:g} "
+                    "(alpha, r or scaling_rule changed after wrapping): the adapter would reload at another scale. "
+                    "Restore the config's values, or wrap a fresh base model with the new ones."
+                )
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model; in training mode add γ·R to its loss whenever it computes one (method.md §3).
@@ -251,11 +267,26 @@ class LoRA2Model(nn.Module):
         if any(layer.merged for layer in self.lora2_layers.values()):
             raise RuntimeError("update_and_allocate() on a merged model: call unmerge() before training further.")
         self._warn_if_regularizer_skipped()
+        if self.allocator.num_updates == 0:
+            self._warn_if_lam_lr_unused()
         budget = self.allocator.update_and_allocate(step)
         if self.allocator.masks_recomputed and is_data_parallel():  # only a rebuilt mask can diverge
             check_masks_agree(self.allocator.masks(), step)
             self.mask_sync_checks += 1
         return budget
+
+    def _warn_if_lam_lr_unused(self) -> None:
+        """At the first step: λ's own rate exists only in optimizer_param_groups(); an optimizer over
+        ``model.parameters()`` trains λ at the common rate without a word."""
+        ratio = self.lora2_config.lam_lr_ratio
+        if ratio != 1 and not self._lam_groups_built:
+            warnings.warn(
+                f"LoRA2Config.lam_lr_ratio={ratio:g} acts only through model.optimizer_param_groups(lr), which this model "
+                "has not built: an optimizer over model.parameters() trains λ at the common rate (the paper's setting). "
+                "Use torch.optim.AdamW(model.optimizer_param_groups(lr)), or lam_lr_ratio=1 to train with one rate on "
+                "purpose; if you gave λ its own rate yourself, ignore this.",
+                RuntimeWarning, stacklevel=3,
+            )
 
     def _warn_if_regularizer_skipped(self) -> None:
         """Once: the step trained without γ·R although γ > 0 (the loss was computed outside the model), or the
@@ -326,6 +357,7 @@ class LoRA2Model(nn.Module):
         """Torch optimizer groups: every trainable parameter once, lam at lr × ``lam_lr_ratio``, the rest at lr;
         ``no_decay`` names (from ``named_parameters()``) get weight_decay 0. E.g.
         ``torch.optim.AdamW(model.optimizer_param_groups(1e-3))``."""
+        self._lam_groups_built = True
         return param_groups(self, lr, weight_decay, no_decay)
 
     def print_trainable_parameters(self) -> None:
@@ -337,7 +369,8 @@ class LoRA2Model(nn.Module):
 
     # -- merge --------------------------------------------------------------------------------
     def merge(self) -> None:
-        """Fold s·Δ into every base weight (exact; undo with unmerge())."""
+        """Fold s·Δ into every base weight; undo with unmerge(). Exact up to the base dtype's rounding: on a float32
+        base unmerge() restores W0 to float32 rounding, on a bf16/fp16 base to that dtype's (about 1e-3 relative)."""
         self._check_usable()
         for layer in self.lora2_layers.values():
             layer.merge()

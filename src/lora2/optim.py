@@ -52,3 +52,4 @@ def check_lam_lr(optimizer: Any, model: Any) -> None:
             "model.optimizer_param_groups(lr) (e.g. Trainer(..., optimizers=(torch.optim.AdamW("
             "model.optimizer_param_groups(lr)), None)))."
         )
+    model._lam_groups_built = True  # verified: the first update_and_allocate has nothing to warn about

@@ -125,6 +125,7 @@ def save_adapter(model: LoRA2Model, save_directory: str | Path) -> None:
 
     if any(layer.merged for layer in model.lora2_layers.values()):
         raise RuntimeError("save_pretrained() on a merged model: call unmerge() first so the base stays clean.")
+    model.check_config_matches_layers()
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_pretrained needs a directory, but {directory} is a file.")

@@ -13,6 +13,7 @@ whose eigenvalues are the σ_i² (and likewise for Q), so its minimum 0 is reach
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -61,6 +62,14 @@ def _terms(p_outer: torch.Tensor, p_inner: torch.Tensor, q_inner: torch.Tensor, 
     return out
 
 
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """No autocast on ``device``'s type; nothing to switch off where autocast does not exist (e.g. meta)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
 def layer_terms(layer: LoRA2Layer, terms: Sequence[str], pq_form: str = "literal") -> dict[str, torch.Tensor]:
     """The enabled terms R_uv, R_UV, R_PQ of one adapted matrix."""
     return _terms(*(getattr(layer, name) for name in FACTORS), terms, pq_form)
@@ -78,10 +87,16 @@ def orth_term_means(layers: Iterable[LoRA2Layer], terms: Sequence[str],
     sums: dict[str, torch.Tensor] = {}
     home = layers[0].lam.device  # a model spread over devices sums its terms on the first matrix's
     for group in groups.values():
-        stacked = [torch.stack([getattr(la, name) for la in group]) for name in FACTORS]
-        for name, value in _terms(*stacked, terms, pq_form).items():
-            value = value.to(home)
-            sums[name] = sums[name] + value if name in sums else value
+        device = group[0].lam.device
+        # Grams near I minus I cancel to noise in bf16 (R_PQ's rank form went negative, its gradient 27% off):
+        # the terms are formed in float32 at least, whatever autocast region the loss is computed in.
+        with _autocast_off(device):
+            stacked = [torch.stack([getattr(la, name) for la in group]) for name in FACTORS]
+            if stacked[0].dtype in (torch.float16, torch.bfloat16):
+                stacked = [t.float() for t in stacked]
+            for name, value in _terms(*stacked, terms, pq_form).items():
+                value = value.to(home)
+                sums[name] = sums[name] + value if name in sums else value
     return {name: sums[name] / len(layers) for name in terms if name in sums}
 
 
