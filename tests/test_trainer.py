@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from lora2 import LoRA2Callback, LoRA2Config, LoRA2Trainer, get_lora2_model
+from lora2 import LoRA2Callback, LoRA2Config, LoRA2Model, LoRA2Trainer, get_lora2_model
 from lora2.persistence import ALLOCATOR_STATE_NAME, load_allocator_state
 
 from .conftest import BERT_TARGETS, tiny_bert, tiny_gpt2, tiny_llama
@@ -358,3 +358,76 @@ def test_label_smoothing_keeps_the_regulariser_in_the_loss(tmp_path):
     with torch.no_grad():
         plain = trainer.label_smoother(model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
     assert float(smoothed - plain) == pytest.approx(0.1 * float(model.last_orth_reg), rel=1e-4)
+
+
+# -- resuming and training again: the schedule a checkpoint was made for ------------------------------------------
+def _trained(tmp_path, trainer_cls=LoRA2Trainer, **kw):
+    model = lora2_model()
+    callbacks = [] if trainer_cls is LoRA2Trainer else [LoRA2Callback()]
+    trainer = trainer_cls(model=model, args=args(tmp_path, **kw), train_dataset=ToyDataset(), callbacks=callbacks)
+    trainer.train()
+    return model, trainer
+
+
+def _adapter(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
+
+
+@pytest.mark.parametrize("trainer_cls", [LoRA2Trainer, Trainer])
+def test_a_resume_that_would_reshape_the_schedule_or_change_the_config_is_refused(tmp_path, trainer_cls):
+    _trained(tmp_path, trainer_cls)
+    callbacks = [] if trainer_cls is LoRA2Trainer else [LoRA2Callback()]
+    longer = trainer_cls(model=lora2_model(), args=args(tmp_path, max_steps=32), train_dataset=ToyDataset(),
+                         callbacks=callbacks)
+    with pytest.raises(ValueError, match=r"made for 24 optimizer steps, this run has max_steps=32"):
+        longer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-12"))
+    other = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_rank=1, init_warmup=4, final_warmup=8,
+                                                     mask_interval=2, lam_lr_ratio=1.0, alpha=64,
+                                                     target_modules=BERT_TARGETS, modules_to_save=["classifier"]))
+    changed = trainer_cls(model=other, args=args(tmp_path), train_dataset=ToyDataset(), callbacks=[LoRA2Callback()])
+    with pytest.raises(ValueError, match=r"differs from the one the checkpoint was trained with \(alpha: 32.0 → 64\)"):
+        changed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-12"))
+    done = trainer_cls(model=lora2_model(), args=args(tmp_path), train_dataset=ToyDataset(), callbacks=callbacks)
+    with pytest.raises(ValueError, match=r"Resuming at step 24 of a 24-step run: it is complete"):
+        done.train(resume_from_checkpoint=str(tmp_path / "checkpoint-24"))
+
+
+def test_training_a_trained_model_again_is_refused_before_anything_moves(tmp_path):
+    model, _ = _trained(tmp_path / "a", save_strategy="no")
+    before = _adapter(model)
+    again = LoRA2Trainer(model=model, args=args(tmp_path / "b", save_strategy="no", max_steps=8),
+                         train_dataset=ToyDataset())
+    with pytest.raises(RuntimeError, match=r"already ran 24 steps .* 12 of 48 singular values.*is_trainable=True"):
+        again.train()
+    assert all(torch.equal(before[k], v) for k, v in _adapter(model).items())
+
+
+def test_a_pruned_adapter_loaded_to_train_keeps_its_masks(tmp_path):
+    model, _ = _trained(tmp_path / "run", save_strategy="no")
+    model.save_pretrained(tmp_path / "adapter")
+    masks = model.allocator.masks().clone()
+    loaded = LoRA2Model.from_pretrained(tiny_bert(), tmp_path / "adapter", is_trainable=True)
+    assert loaded.allocator.frozen and not loaded.allocator.prunes
+    trainer = LoRA2Trainer(model=loaded, args=args(tmp_path / "more", save_strategy="no", max_steps=10),
+                           train_dataset=ToyDataset(seed=3))
+    trainer.train()
+    assert torch.equal(loaded.allocator.masks(), masks) and loaded.allocator.num_updates == 10
+    for layer in loaded.lora2_layers.values():
+        assert torch.equal(layer.lam.detach() * (1 - layer.mask), torch.zeros_like(layer.lam))  # pruned λ stay 0
+    assert not LoRA2Model.from_pretrained(tiny_bert(), tmp_path / "adapter").allocator.frozen  # inference: untouched
+
+
+def test_a_plain_trainer_resuming_elsewhere_does_not_take_another_runs_allocator_state(tmp_path):
+    _trained(tmp_path / "A", Trainer)  # leaves A/checkpoint-12
+    _trained(tmp_path / "B", Trainer, learning_rate=2e-3)
+    resumed = Trainer(model=lora2_model(), args=args(tmp_path / "A"), train_dataset=ToyDataset(),
+                      callbacks=[LoRA2Callback()])
+    with pytest.raises(RuntimeError, match=r"checkpoint-12 belongs to another run"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "B" / "checkpoint-12"))
+
+
+def test_lora2_trainer_names_a_plain_trainer_checkpoint(tmp_path):
+    _trained(tmp_path / "plain", Trainer)
+    trainer = LoRA2Trainer(model=lora2_model(), args=args(tmp_path / "l2"), train_dataset=ToyDataset())
+    with pytest.raises(FileNotFoundError, match=r"written by a plain transformers.Trainer"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-12"))

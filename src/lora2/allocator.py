@@ -39,12 +39,15 @@ class RankAllocator:
         self.outer_u: list[dict[str, torch.Tensor]] = []
         # True when the last update_and_allocate rebuilt the masks: a mask step, or the final phase forcing bT.
         self.masks_recomputed = False
+        # An adapter loaded already pruned to train further: its masks are kept (applied each step), never re-grown.
+        self.frozen = False
+        self.resumed_from: dict[str, object] | None = None  # total_step and config of the state last loaded
 
     # -- schedule -----------------------------------------------------------------------------
     @property
     def prunes(self) -> bool:
-        """False when the target budget equals the initial one: nothing to allocate."""
-        return self.b_target < self.b0
+        """False when the target budget equals the initial one (nothing to allocate) or the masks are frozen."""
+        return self.b_target < self.b0 and not self.frozen
 
     def _total_step(self) -> int:
         total = self.config.total_step
@@ -242,6 +245,9 @@ class RankAllocator:
         self.masks_recomputed = False
         if not self.prunes:
             self.step, self.num_updates = step, self.num_updates + 1
+            if self.frozen:
+                with torch.no_grad():
+                    self.apply_masks()  # momentum may move a pruned lam; keep exports clean
             return None
         phase = self.phase(step)
         usable = phase == "final" or self.check_gradients(step)  # validate before any state changes
@@ -281,7 +287,8 @@ class RankAllocator:
                 tensors[f"outer_i.{i}.{n}"] = d_i[n].clone()
                 tensors[f"outer_u.{i}.{n}"] = d_u[n].clone()
         return {"step": self.step, "num_updates": self.num_updates, "names": list(self.names),
-                "importance": self.config.importance, "tensors": tensors}
+                "importance": self.config.importance, "frozen": self.frozen, "total_step": self.config.total_step,
+                "config": self.config.to_dict(), "tensors": tensors}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         names = state.get("names")
@@ -307,5 +314,7 @@ class RankAllocator:
                 self.outer_u.append({n: tensors[f"outer_u.{i}.{n}"].to(own) for n in OUTER})
         self.step = int(state["step"])  # type: ignore[arg-type]
         self.num_updates = int(state["num_updates"])  # type: ignore[arg-type]
+        self.frozen = bool(state.get("frozen", False))
+        self.resumed_from = {"total_step": state.get("total_step"), "config": state.get("config")}
         for layer, row in zip(self.layers, masks, strict=True):
             layer.set_mask(row, zero_pruned=False)  # lam was saved with this mask: leave it as it was

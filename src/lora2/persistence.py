@@ -229,4 +229,7 @@ def load_adapter(cls: type[LoRA2Model], model: nn.Module, adapter_directory: str
         for param in wrapped.parameters():
             param.requires_grad_(False)
         wrapped.eval()
+    elif wrapped.allocator.prunes and int(wrapped.allocator.masks().sum().item()) < wrapped.allocator.b0:
+        # A new schedule would start again from b0 and bring pruned values back at λ = 0: train with these masks.
+        wrapped.allocator.frozen = True
     return wrapped

@@ -7,6 +7,7 @@ its optimizer from ``LoRA2Model.optimizer_param_groups`` (so ``lam_lr_ratio`` ap
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -79,6 +80,7 @@ class LoRA2Callback(TrainerCallback):
         lora2_model = find_lora2_model(model)
         cfg = lora2_model.lora2_config
         total = int(state.max_steps)
+        self._refuse_a_second_schedule(state, lora2_model, total)
         if cfg.total_step is not None and cfg.total_step != total:
             warnings.warn(
                 f"LoRA2Config.total_step={cfg.total_step} differs from the Trainer's max_steps={total}; "
@@ -100,12 +102,64 @@ class LoRA2Callback(TrainerCallback):
                     "A plain Trainer's callback looks for it under output_dir only: to resume from a checkpoint "
                     "elsewhere, use lora2.LoRA2Trainer, which reads it from the checkpoint you name."
                 )
+            if not self._holds_weights_of(checkpoint, lora2_model):
+                raise RuntimeError(
+                    f"The LoRA² allocator state in {checkpoint} belongs to another run: its λ and masks differ from the "
+                    "checkpoint the Trainer resumed from. A plain Trainer's callback looks for it under output_dir "
+                    "only: resume from a checkpoint there, or use lora2.LoRA2Trainer, which reads the allocator state "
+                    "from the checkpoint you name."
+                )
             lora2_model.allocator.load_state_dict(load_allocator_state(checkpoint))
             logger.info("LoRA²: allocator state restored from %s", checkpoint)
+        if state.global_step > 0:
+            self._check_resumed_schedule(lora2_model, total)
         self._updates_at_start = lora2_model.allocator.num_updates
         self._step_at_start = state.global_step
         self._verified_at = None
         self.best_loaded = False
+
+    @staticmethod
+    def _refuse_a_second_schedule(state, lora2_model: LoRA2Model, total: int) -> None:
+        """Before anything moves: a finished run resumed (transformers would step past it), or a model whose
+        allocator already ran trained again from step 1 (the schedule would restart on pruned masks)."""
+        alloc = lora2_model.allocator
+        if state.global_step > 0 and state.global_step >= total:
+            raise ValueError(
+                f"Resuming at step {state.global_step} of a {total}-step run: it is complete, and transformers would "
+                "take one more optimizer step past the pruning schedule. Evaluate or save the model instead."
+            )
+        if state.global_step == 0 and alloc.num_updates > 0 and alloc.prunes:
+            raise RuntimeError(
+                f"This model's allocator already ran {alloc.num_updates} steps (an earlier training, now at "
+                f"{int(alloc.masks().sum().item())} of {alloc.b0} singular values): a new Trainer.train() would start "
+                "its pruning schedule again from step 1 and re-grow pruned values. Resume the earlier run from its "
+                "checkpoint (resume_from_checkpoint=...), or save_pretrained() it and load it with "
+                "LoRA2Model.from_pretrained(base, path, is_trainable=True), which trains further with its masks kept."
+            )
+
+    @staticmethod
+    def _check_resumed_schedule(lora2_model: LoRA2Model, total: int) -> None:
+        """A resumed run must have the schedule and LoRA² settings its checkpoint was written with: another
+        max_steps reshapes the budget (and re-grows pruned values), another α rescales the restored adapter."""
+        saved = lora2_model.allocator.resumed_from
+        if not saved or not lora2_model.allocator.prunes:
+            return
+        if saved.get("total_step") is not None and saved["total_step"] != total:
+            raise ValueError(
+                f"The checkpoint's pruning schedule was made for {saved['total_step']} optimizer steps, this run has "
+                f"max_steps={total}: resuming would reshape the budget schedule and re-grow pruned values. Resume with "
+                "the same max_steps (or num_train_epochs, batch size and gradient_accumulation_steps)."
+            )
+        if isinstance(saved.get("config"), dict):
+            live = json.loads(json.dumps(lora2_model.lora2_config.to_dict()))
+            changed = [f"{k}: {saved['config'].get(k)!r} → {live.get(k)!r}" for k in sorted(live)
+                       if k != "total_step" and saved["config"].get(k) != live.get(k)]
+            if changed:
+                raise ValueError(
+                    "This model's LoRA2Config differs from the one the checkpoint was trained with ("
+                    + "; ".join(changed) + "): the resumed run would not continue it. Wrap the base model with the "
+                    "checkpoint's settings."
+                )
 
     @staticmethod
     def _check_checkpointing(args, lora2_model: LoRA2Model) -> None:
@@ -280,6 +334,11 @@ class LoRA2Trainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         lora2_model = find_lora2_model(model if model is not None else self.model)
         directory = Path(resume_from_checkpoint)
+        if not (directory / WEIGHTS_NAME).is_file() and (directory / FULL_WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(
+                f"{directory} was written by a plain transformers.Trainer ({FULL_WEIGHTS_NAME}, no {WEIGHTS_NAME}): "
+                "resume it with transformers.Trainer and lora2.LoRA2Callback, as it was trained."
+            )
         lora2_model.load_adapter_state(read_tensors(directory / WEIGHTS_NAME), source=f"checkpoint {directory}")
         if (directory / ALLOCATOR_STATE_NAME).is_file():
             lora2_model.allocator.load_state_dict(load_allocator_state(directory))
