@@ -329,6 +329,43 @@ def test_import_errors(tmp_path):
     (tmp_path / PEFT_CONFIG_NAME).write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
         init_from_peft_lora(copy.deepcopy(narrow), tmp_path)
+    for variant, said in (({"init_lora_weights": "pissa_niter_4"}, "replaces the base weight"),
+                          ({"init_lora_weights": "olora"}, "replaces the base weight"),
+                          ({"alora_invocation_tokens": [5, 6]}, "activated LoRA")):
+        (tmp_path / PEFT_CONFIG_NAME).write_text(json.dumps({**cfg, **variant}))
+        with pytest.raises(ValueError, match=said):
+            init_from_peft_lora(copy.deepcopy(narrow), tmp_path)
+
+
+def test_a_head_tied_to_the_embeddings_is_never_merged_exported_or_imported_untied(tmp_path):
+    """GPT-2's lm_head shares the input embeddings: merging into it, exporting it as a PEFT modules_to_save copy,
+    or importing a PEFT copy into it would each change the embeddings as well."""
+    head = get_lora2_model(tiny_gpt2(), LoRA2Config(k=K, r=R, target_modules=["c_attn", "lm_head"]))
+    randomize_adapters(head)
+    embeddings = head.base_model.transformer.wte.weight.detach().clone()
+    for merge in (head.merge, head.merge_and_unload):
+        with pytest.raises(RuntimeError, match=r"lm_head\.weight is tied to transformer\.wte\.weight"):
+            merge()
+    assert torch.equal(head.base_model.transformer.wte.weight, embeddings)
+    export_to_peft(head, tmp_path / "unmerged")  # the unmerged adapter exports as usual
+
+    saved = get_lora2_model(tiny_gpt2(), LoRA2Config(k=K, r=R, target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match=r"lm_head\.weight \(modules_to_save\) is tied to transformer\.wte\.weight.*"
+                                         r"Add 'transformer\.wte' to modules_to_save"):
+        export_to_peft(saved, tmp_path / "a")
+    saved.save_pretrained(tmp_path / "adapter")  # LoRA² itself reloads it fine; the export from disk refuses too
+    with pytest.raises(ValueError, match=r"tied to transformer\.wte\.weight"):
+        export_to_peft(tmp_path / "adapter", tmp_path / "b")
+    both = get_lora2_model(tiny_gpt2(), LoRA2Config(k=K, r=R, target_modules=["c_attn"],
+                                                    modules_to_save=["lm_head", "wte"]))
+    export_to_peft(both, tmp_path / "c")
+
+    peft_lora(tiny_gpt2, ["c_attn"], tmp_path / "peft", save=["lm_head"])
+    model = get_lora2_model(tiny_gpt2(), LoRA2Config(k=K, r=R, target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    embeddings = model.base_model.transformer.wte.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"lm_head\.weight is tied to transformer\.wte\.weight"):
+        init_from_peft_lora(model, tmp_path / "peft")
+    assert torch.equal(model.base_model.transformer.wte.weight, embeddings)
 
 
 def test_lora2_export_command(tmp_path, capsys):
@@ -372,3 +409,37 @@ def test_scaling_rule_reaches_layers_saved_adapters_and_the_export(rule, s, tmp_
                                                       scaling_rule=rule))
     init_from_peft_lora(fresh, tmp_path / "peft")  # the import sets lam = 1/s with this layer's s
     torch.testing.assert_close(fresh(**batch()).logits, model(**batch()).logits, rtol=0, atol=1e-5)
+
+
+def test_cli_errors_name_the_cause(tmp_path, capsys, monkeypatch):
+    from lora2.cli import main
+
+    model = trained_lora2("llama")
+    model.save_pretrained(tmp_path / "adapter")
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--out", ""]) == 2
+    assert "output directory is empty" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--out", str(blocker / "sub")]) == 2
+    assert "lora2 export: error:" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["glue", "--task", "rte", "--device", "cuda", "--max-steps", "1",
+                     "--output-dir", str(tmp_path / "run")]) == 2
+        assert "sees no CUDA device; use --device cpu" in capsys.readouterr().err
+    monkeypatch.setenv("LORA2_GLUE_DIR", str(tmp_path / "nowhere"))
+    from lora2.glue.data import load_split
+
+    with pytest.raises(FileNotFoundError, match=r"LORA2_GLUE_DIR .*nowhere does not exist"):
+        load_split("rte", "train")
+
+
+def test_an_adapter_loaded_onto_another_model_class_says_so(tmp_path):
+    from transformers import BertForTokenClassification
+
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=K, r=R, target_modules=BERT_TARGETS, modules_to_save=["classifier"]))
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    other = BertForTokenClassification(tiny_bert().config)
+    with pytest.warns(UserWarning, match=r"trained on a BertForSequenceClassification; it is loaded onto a "
+                                         r"BertForTokenClassification"):
+        LoRA2Model.from_pretrained(other, tmp_path)

@@ -16,6 +16,7 @@ import torch
 from .config import CONFIG_NAME, LoRA2Config
 from .factors import FACTOR_NAMES, LoRA2Factors
 from .persistence import WEIGHTS_NAME, read_adapter_meta, read_tensors
+from .targets import tied_outside
 
 
 @dataclass
@@ -38,12 +39,25 @@ class LoRA2Source:
             f.check(self.config.k, self.config.r, name, self.where)
 
 
+def check_untied_modules_to_save(pairs: list[tuple[str, str]] | list[list[str]]) -> None:
+    """A PEFT adapter stores a modules_to_save module as its own copy, so a weight it shares with a module outside
+    them (a head tied to the embeddings) would come back untied and the exported model would differ."""
+    if pairs:
+        inside, outside = pairs[0]
+        raise ValueError(
+            f"{inside} (modules_to_save) is tied to {outside}: a PEFT adapter would load it as an untied copy and "
+            f"the exported model would differ. Add {outside.rsplit('.', 1)[0]!r} to modules_to_save as well, so the "
+            "shared tensor is saved for both modules."
+        )
+
+
 def source_from_model(model: Any) -> LoRA2Source:
     """The adapter of a live ``LoRA2Model``, copied to the CPU."""
     if getattr(model, "_unloaded", False):
         raise ValueError("This LoRA2Model was unloaded by merge_and_unload(); export the model before merging, "
                          "or export its saved adapter directory.")
     model.check_config_matches_layers()
+    check_untied_modules_to_save(tied_outside(model.base_model, list(model.modules_to_save_names)))
     saved: dict[str, torch.Tensor] = {}
     for name in model.modules_to_save_names:
         for key, value in model.base_model.get_submodule(name).state_dict().items():
@@ -75,6 +89,7 @@ def read_lora2_adapter(directory: str | Path) -> LoRA2Source:
             "that model to export_to_peft, or re-save it with save_pretrained."
         )
     to_save = meta.get("modules_to_save") or []
+    check_untied_modules_to_save(meta.get("modules_to_save_tied_outside") or [])
     tensors = read_tensors(directory / WEIGHTS_NAME)
     factors: dict[str, LoRA2Factors] = {}
     for name in names:

@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError, TypeError) as err:
+    except (ValueError, OSError, RuntimeError, TypeError) as err:  # OSError: missing files, permissions, full disk
         print(f"lora2 {ns.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -116,6 +116,8 @@ def export_to_peft(
     else:
         raise TypeError(f"export_to_peft takes a LoRA2Model or an adapter directory, not {type(adapter).__name__}.")
     src.check()
+    if not str(out_dir).strip():
+        raise ValueError("The output directory is empty (''); name the directory to write the PEFT adapter to.")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"Output {out} is a file; export_to_peft writes a directory. Choose a new or existing directory.")

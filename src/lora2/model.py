@@ -29,7 +29,15 @@ from .forward_signature import ForwardWithBaseSignature
 from .layer import ADAPTER_PARAMETERS, LoRA2Layer
 from .optim import param_groups
 from .regularizer import orth_regularization, orth_term_means
-from .targets import TASK_HEADS, default_targets, find_modules_to_save, find_targets, set_submodule, task_type
+from .targets import (
+    TASK_HEADS,
+    default_targets,
+    find_modules_to_save,
+    find_targets,
+    set_submodule,
+    task_type,
+    tied_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -372,6 +380,7 @@ class LoRA2Model(nn.Module):
         """Fold s·Δ into every base weight; undo with unmerge(). Exact up to the base dtype's rounding: on a float32
         base unmerge() restores W0 to float32 rounding, on a bf16/fp16 base to that dtype's (about 1e-3 relative)."""
         self._check_usable()
+        self._refuse_tied_merge()
         for layer in self.lora2_layers.values():
             layer.merge()
 
@@ -383,6 +392,7 @@ class LoRA2Model(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """Merge, remove every LoRA² layer, and return the plain wrapped model."""
         self._check_usable()
+        self._refuse_tied_merge()
         self._warn_if_never_allocated("merge_and_unload")
         self.warn_if_schedule_unfinished("merge_and_unload")
         for name, layer in self.lora2_layers.items():
@@ -393,6 +403,19 @@ class LoRA2Model(nn.Module):
             set_submodule(self.base_model, name, layer.base_layer)
         self._unloaded = True
         return self.base_model
+
+    def _refuse_tied_merge(self) -> None:
+        """A base weight another module also uses (a head tied to the input embeddings) cannot take s·Δ in place:
+        the embeddings would change too."""
+        tied = tied_parameters(self.base_model)
+        for name, layer in self.lora2_layers.items():
+            others = [n for n in tied.get(id(layer.base_layer.weight), []) if not n.startswith(name + ".")]
+            if others:
+                raise RuntimeError(
+                    f"{name}.weight is tied to {others[0]}: merging would add the update to that module too (e.g. the "
+                    "input embeddings). Keep the adapter unmerged, export it with export_to_peft, or untie the weight "
+                    "first (config.tie_word_embeddings=False and a copy of the weight for the head)."
+                )
 
     def _check_usable(self) -> None:
         if self._unloaded:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .persistence import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, read_json, read_tensors
+from .targets import tied_parameters
 
 
 def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
@@ -43,9 +44,15 @@ def init_from_peft_lora(model: Any, peft_adapter_dir: str | Path) -> list[str]:
     unsupported = [k for k in ("use_dora", "lora_bias") if cfg.get(k)]
     if cfg.get("bias", "none") != "none":
         unsupported.append(f"bias={cfg['bias']!r}")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and (init.startswith(("pissa", "corda")) or init in ("olora", "loftq", "lora_ga")):
+        unsupported.append(f"init_lora_weights={init!r} (it replaces the base weight by a residual)")
+    if cfg.get("alora_invocation_tokens"):
+        unsupported.append("alora_invocation_tokens (activated LoRA applies only after those tokens)")
     if unsupported:
-        raise ValueError(f"The PEFT adapter uses {unsupported}: its update is not a plain B·A, so LoRA² cannot "
-                         "reproduce it.")
+        raise ValueError(f"The PEFT adapter uses {unsupported}: its update is not a plain B·A on the original base "
+                         "weights, so LoRA² cannot reproduce it. (For PiSSA/OLoRA-style adapters, PEFT can convert them "
+                         "to plain LoRA: save with path_initial_model_for_weight_conversion.)")
     if not (directory / PEFT_WEIGHTS_NAME).is_file():
         hint = " Only safetensors are read (no pickles): re-save it with a recent PEFT." \
             if (directory / "adapter_model.bin").is_file() else ""
@@ -77,6 +84,13 @@ def init_from_peft_lora(model: Any, peft_adapter_dir: str | Path) -> list[str]:
         raise ValueError(f"The PEFT adapter saves {outside[:3]} (modules_to_save) but this LoRA2Model does not train "
                          "those modules; add them to LoRA2Config.modules_to_save.")
     wanted = {n: t for n, t in base.state_dict().items() if n in saved}
+    tied, params = tied_parameters(base), dict(base.named_parameters(remove_duplicate=False))
+    for n in saved:
+        others = [o for o in tied.get(id(params[n]), []) if o != n] if n in params else []
+        if others and not all(o in saved for o in others):
+            raise ValueError(f"modules_to_save tensor {n} is tied to {others[0]} in this base model, but the PEFT "
+                             "adapter holds an untied copy: copying it in would change that module too. Untie the "
+                             "base model's weights first (config.tie_word_embeddings=False).")
     for n, t in saved.items():
         if n not in wanted or tuple(wanted[n].shape) != tuple(t.shape):
             raise ValueError(f"modules_to_save tensor {n} {tuple(t.shape)} does not fit this base model.")

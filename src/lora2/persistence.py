@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, LoRA2Config
 from .factors import FACTOR_NAMES
-from .targets import set_submodule
+from .targets import set_submodule, tied_outside
 
 if TYPE_CHECKING:
     from torch import nn
@@ -139,6 +140,7 @@ def save_adapter(model: LoRA2Model, save_directory: str | Path) -> None:
         "adapted_modules": list(model.lora2_layers),
         "fan_in_fan_out": {name: layer.fan_in_fan_out for name, layer in model.lora2_layers.items()},
         "modules_to_save": model.modules_to_save_names,
+        "modules_to_save_tied_outside": tied_outside(model.base_model, list(model.modules_to_save_names)),
         "rank_pattern": model.rank_pattern(),
         "allocator_step": model.allocator.step,
     })
@@ -225,6 +227,11 @@ def load_adapter(cls: type[LoRA2Model], model: nn.Module, adapter_directory: str
         for name, layer in wrapped.lora2_layers.items():  # give the caller its base model back unchanged
             set_submodule(model, name, layer.base_layer)
         raise
+    trained_on = meta.get("base_model_class")
+    if trained_on and trained_on != type(model).__name__:
+        warnings.warn(f"The adapter in {directory} was trained on a {trained_on}; it is loaded onto a "
+                      f"{type(model).__name__} because its tensors fit. Its task head may not mean the same here.",
+                      UserWarning, stacklevel=3)
     if not is_trainable:
         for param in wrapped.parameters():
             param.requires_grad_(False)

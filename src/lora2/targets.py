@@ -116,3 +116,25 @@ def find_targets(model: nn.Module, targets: list[str] | str, saved: list[str]) -
         if unused:
             warnings.warn(f"target_modules entries {unused} matched no module and were ignored.", stacklevel=4)
     return found
+
+
+def tied_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) → every name it has, for parameters that more than one module holds (tied weights, e.g. a
+    language-model head that shares the input embeddings)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {pid: found for pid, found in names.items() if len(found) > 1}
+
+
+def tied_outside(model: nn.Module, modules: list[str]) -> list[tuple[str, str]]:
+    """(name inside ``modules``, a name of the same parameter outside them): ties a per-module copy would break."""
+    def inside(name: str) -> bool:
+        return any(name.startswith(m + ".") for m in modules)
+
+    pairs = []
+    for found in tied_parameters(model).values():
+        ins, outs = [n for n in found if inside(n)], [n for n in found if not inside(n)]
+        if ins and outs:
+            pairs.append((ins[0], outs[0]))
+    return pairs

@@ -109,7 +109,8 @@ def load_split(task: GlueTask | str, split: str, data_dir: str | Path | None = N
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     if directory is not None:
         if not directory.is_dir():
-            raise FileNotFoundError(f"--data-dir {directory} does not exist or is not a directory.")
+            source = "--data-dir" if data_dir is not None else next(v for v in ENV_VARS if os.environ.get(v))
+            raise FileNotFoundError(f"{source} {directory} does not exist or is not a directory.")
         if split_file(task, split, directory).is_file():
             return read_tsv(task, split, directory)
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))

@@ -145,6 +145,8 @@ def prepare_run(args: GlueArgs) -> PreparedRun:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}, but this PyTorch sees no CUDA device; use --device cpu.")
     if device.startswith("cuda"):  # the process-wide setting, so set it either way
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
     set_seed(args.seed)
