@@ -322,6 +322,15 @@ def test_lora2_options_a_method_ignores_are_named():
         warnings.simplefilter("error")
         GlueArgs(task="rte", method="lora", lora2={"dropout": 0.1})  # LoRA reads the dropout
         GlueArgs(task="rte", max_steps=50)  # the warm-ups default to fractions of the run: they fit
+    with pytest.warns(UserWarning, match=r"--method head does not read --lora-r, --target-modules: ignored"):
+        GlueArgs(task="rte", method="head", target_modules="query", lora_r=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GlueArgs(task="rte", method="lora", target_modules="query", lora_r=4)  # both read by LoRA
+        GlueArgs(task="rte", method="adalora", adalora_init_r=12)
+        GlueArgs(task="rte", max_steps=50, warmup_steps=10)
+    with pytest.warns(UserWarning, match=r"--warmup-steps 60 is not shorter than --max-steps 50"):
+        GlueArgs(task="rte", max_steps=50, warmup_steps=60)
 
 
 def _lora2_step_grad_norm(orth_clip: str, clip: float) -> tuple[float, float]:

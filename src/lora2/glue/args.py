@@ -32,6 +32,16 @@ LORA2_OPTIONS_READ_BY = {
 }
 
 
+# The pipeline's own per-method options and the methods that read them (the others ignore them).
+OWN_OPTIONS_READ_BY = {
+    "lora_r": ("lora",), "lora_alpha": ("lora",),
+    "adalora_init_r": ("adalora",), "adalora_target_r": ("adalora",), "adalora_alpha": ("adalora",),
+    "sora_r": ("sora",), "sora_alpha": ("sora",), "sora_lambda": ("sora",),
+    "orth_clip": ("lora2",), "init_warmup_min": ("lora2", "adalora"),
+    "target_modules": ("lora2", "lora", "adalora", "sora"),
+}
+
+
 def lora2_option_fields() -> list[dataclasses.Field]:
     """The LoRA2Config fields that are ``lora2 glue`` options."""
     return [f for f in dataclasses.fields(LoRA2Config) if f.name not in PIPELINE_OWNED]
@@ -146,6 +156,9 @@ class GlueArgs:
                              f"({self.adalora_init_r}): AdaLoRA prunes from the initial rank down to the target.")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise bad("warmup_steps", "an integer >= 0", self.warmup_steps)
+        if self.warmup_steps and self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            warnings.warn(f"--warmup-steps {self.warmup_steps} is not shorter than --max-steps {self.max_steps}: the "
+                          "learning rate never reaches --learning-rate.", UserWarning, stacklevel=3)
         if self.num_threads is not None and self.num_threads < 1:
             raise bad("num_threads", "an integer >= 1", self.num_threads)
 
@@ -157,6 +170,12 @@ class GlueArgs:
 
     def _check_lora2_options(self, config: LoRA2Config) -> None:
         """LoRA² options the chosen method ignores, and a schedule that cannot fit a known --max-steps."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        unread = [n for n, readers in OWN_OPTIONS_READ_BY.items()
+                  if self.method not in readers and getattr(self, n) != defaults[n]]
+        if unread:
+            warnings.warn(f"--method {self.method} does not read {', '.join('--' + n.replace('_', '-') for n in unread)}: "
+                          "ignored.", UserWarning, stacklevel=4)
         if self.method != "lora2":
             ignored = sorted(set(self.lora2) - set(LORA2_OPTIONS_READ_BY[self.method]))
             if ignored:
