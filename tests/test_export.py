@@ -411,6 +411,37 @@ def test_scaling_rule_reaches_layers_saved_adapters_and_the_export(rule, s, tmp_
     torch.testing.assert_close(fresh(**batch()).logits, model(**batch()).logits, rtol=0, atol=1e-5)
 
 
+def test_a_block_registered_twice_is_not_a_tie_but_a_bare_second_use_is():
+    """Weight-shared depth (one block at two positions) reaches the same LoRA² layer by two paths: merging is exact.
+    A linear layer used at two positions but adapted at one is a tie: merging would change the other use."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return torch.relu(self.lin(x))
+
+    block = Block()
+    model = get_lora2_model(nn.Sequential(block, block), LoRA2Config(k=2, r=4, target_modules=["lin"],
+                                                                     modules_to_save=[]))
+    randomize_adapters(model)
+    model.eval()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = model(x)
+        model.merge()
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+    linear = nn.Linear(6, 6)
+    bare = get_lora2_model(nn.Sequential(linear, nn.ReLU(), linear), LoRA2Config(k=2, r=4, target_modules=["0"],
+                                                                                 modules_to_save=[]))
+    with pytest.raises(RuntimeError, match=r"0\.weight is tied to 2\.weight"):
+        bare.merge()
+
+
 def test_cli_errors_name_the_cause(tmp_path, capsys, monkeypatch):
     from lora2.cli import main
 

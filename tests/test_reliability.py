@@ -183,6 +183,10 @@ def test_casting_the_model_to_half_precision_keeps_the_adapter_in_float32():
     for name in ("p_outer", "p_inner", "q_inner", "q_outer"):  # every entry moved (in bf16 most did not)
         assert bool((getattr(layer, name) != 0).all()) and layer.p_outer.grad.dtype == torch.float32
     assert (layer.p_outer.detach() != before["p_outer"]).all()
+    grads = {n: getattr(layer, n).grad.clone() for n in ("p_outer", "lam")}
+    model.half()  # with the last step's gradients still there (a loop that zeroes them before backward)
+    assert all(getattr(layer, n).grad.dtype == torch.float32 and torch.equal(getattr(layer, n).grad, g)
+               for n, g in grads.items())
     model.double()  # a wider cast applies as usual
     assert layer.p_outer.dtype == torch.float64 and layer.base_layer.weight.dtype == torch.float64
 

@@ -387,9 +387,15 @@ def test_a_resume_that_would_reshape_the_schedule_or_change_the_config_is_refuse
     changed = trainer_cls(model=other, args=args(tmp_path), train_dataset=ToyDataset(), callbacks=[LoRA2Callback()])
     with pytest.raises(ValueError, match=r"differs from the one the checkpoint was trained with \(alpha: 32.0 → 64\)"):
         changed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-12"))
-    done = trainer_cls(model=lora2_model(), args=args(tmp_path), train_dataset=ToyDataset(), callbacks=callbacks)
-    with pytest.raises(ValueError, match=r"Resuming at step 24 of a 24-step run: it is complete"):
+    done_model = lora2_model()  # a complete run resumed (auto-resume scripts): transformers may step once more
+    done = trainer_cls(model=done_model, args=args(tmp_path), train_dataset=ToyDataset(), callbacks=callbacks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         done.train(resume_from_checkpoint=str(tmp_path / "checkpoint-24"))
+    past = [w for w in caught if "past the 24-step pruning schedule" in str(w.message)]
+    assert len(past) == (done.state.global_step - 24) <= 1  # said once when it happens, never an error
+    assert torch.equal(done_model.allocator.masks(), load_allocator_state(tmp_path / "checkpoint-24")["tensors"]["masks"])
+    assert done_model.allocator.step == 24
 
 
 def test_training_a_trained_model_again_is_refused_before_anything_moves(tmp_path):
@@ -415,6 +421,13 @@ def test_a_pruned_adapter_loaded_to_train_keeps_its_masks(tmp_path):
     for layer in loaded.lora2_layers.values():
         assert torch.equal(layer.lam.detach() * (1 - layer.mask), torch.zeros_like(layer.lam))  # pruned λ stay 0
     assert not LoRA2Model.from_pretrained(tiny_bert(), tmp_path / "adapter").allocator.frozen  # inference: untouched
+
+
+def test_a_mid_schedule_adapter_loaded_to_train_restarts_its_schedule_and_says_so(tmp_path):
+    _trained(tmp_path, max_steps=24, save_steps=6)  # checkpoint-6: mid-schedule (pruning runs from step 5 to 16)
+    with pytest.warns(UserWarning, match=r"stopped mid-schedule \(\d+ of 48 singular values active, target 12\)"):
+        loaded = LoRA2Model.from_pretrained(tiny_bert(), tmp_path / "checkpoint-6", is_trainable=True)
+    assert not loaded.allocator.frozen and loaded.allocator.prunes
 
 
 def test_a_plain_trainer_resuming_elsewhere_does_not_take_another_runs_allocator_state(tmp_path):

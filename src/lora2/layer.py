@@ -106,13 +106,16 @@ class LoRA2Layer(nn.Module):
         kept = {}
         for name in FACTOR_NAMES:
             t = getattr(self, name)
-            kept[name] = (t.data, t.grad if isinstance(t, nn.Parameter) else None)
+            grad = t.grad if isinstance(t, nn.Parameter) else None
+            # .data: new handles on the old storages, which the cast below replaces but does not touch
+            kept[name] = (t.data, grad.data if grad is not None else None)
         module = super()._apply(fn, recurse)
         for name, (data, grad) in kept.items():
             now = getattr(self, name)
             if data.dtype != torch.float32 or now.dtype not in (torch.float16, torch.bfloat16):
                 continue
             if isinstance(now, nn.Parameter):
+                now.grad = None  # a half gradient cannot sit on a float32 parameter, even for a moment
                 now.data = data.to(now.device)
                 if grad is not None:
                     now.grad = grad.to(now.device)

@@ -409,7 +409,11 @@ class LoRA2Model(nn.Module):
         the embeddings would change too."""
         tied = tied_parameters(self.base_model)
         for name, layer in self.lora2_layers.items():
-            others = [n for n in tied.get(id(layer.base_layer.weight), []) if not n.startswith(name + ".")]
+            # names under which something other than this LoRA² layer uses the weight (the same layer reached by two
+            # paths, e.g. a block registered twice, is no tie; the bare base layer at a second position is one)
+            others = [n for n in tied.get(id(layer.base_layer.weight), [])
+                      if not (n.endswith(".base_layer.weight")
+                              and self.base_model.get_submodule(n[: -len(".base_layer.weight")]) is layer)]
             if others:
                 raise RuntimeError(
                     f"{name}.weight is tied to {others[0]}: merging would add the update to that module too (e.g. the "

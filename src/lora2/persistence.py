@@ -236,7 +236,15 @@ def load_adapter(cls: type[LoRA2Model], model: nn.Module, adapter_directory: str
         for param in wrapped.parameters():
             param.requires_grad_(False)
         wrapped.eval()
-    elif wrapped.allocator.prunes and int(wrapped.allocator.masks().sum().item()) < wrapped.allocator.b0:
-        # A new schedule would start again from b0 and bring pruned values back at λ = 0: train with these masks.
-        wrapped.allocator.frozen = True
+    elif wrapped.allocator.prunes:
+        alloc, active = wrapped.allocator, int(wrapped.allocator.masks().sum().item())
+        if active <= alloc.b_target:
+            # pruned to its target: a new schedule would start again from b0 and bring pruned values back at λ = 0
+            alloc.frozen = True
+        elif active < alloc.b0:
+            warnings.warn(
+                f"The adapter in {directory} stopped mid-schedule ({active} of {alloc.b0} singular values active, target "
+                f"{alloc.b_target}): training it further starts a new schedule from {alloc.b0}, re-growing pruned values "
+                "at λ = 0. To continue its run, resume the checkpoint it was saved in (resume_from_checkpoint).",
+                UserWarning, stacklevel=3)
     return wrapped

@@ -72,6 +72,7 @@ class LoRA2Callback(TrainerCallback):
     def __init__(self) -> None:
         self._updates_at_start = 0
         self._step_at_start = 0
+        self._past_end = 0  # optimizer steps past total_step (skipped, with a warning)
         self._verified_at: int | None = None
         self.best_loaded = False  # set by LoRA2Trainer when load_best_model_at_end replaced the model
         self.adapter_only_checkpoints = False  # set by LoRA2Trainer
@@ -102,7 +103,7 @@ class LoRA2Callback(TrainerCallback):
                     "A plain Trainer's callback looks for it under output_dir only: to resume from a checkpoint "
                     "elsewhere, use lora2.LoRA2Trainer, which reads it from the checkpoint you name."
                 )
-            if not self._holds_weights_of(checkpoint, lora2_model):
+            if self._holds_weights_of(checkpoint, lora2_model) is False:  # None: nothing to compare with
                 raise RuntimeError(
                     f"The LoRA² allocator state in {checkpoint} belongs to another run: its λ and masks differ from the "
                     "checkpoint the Trainer resumed from. A plain Trainer's callback looks for it under output_dir "
@@ -115,19 +116,15 @@ class LoRA2Callback(TrainerCallback):
             self._check_resumed_schedule(lora2_model, total)
         self._updates_at_start = lora2_model.allocator.num_updates
         self._step_at_start = state.global_step
+        self._past_end = 0
         self._verified_at = None
         self.best_loaded = False
 
     @staticmethod
     def _refuse_a_second_schedule(state, lora2_model: LoRA2Model, total: int) -> None:
-        """Before anything moves: a finished run resumed (transformers would step past it), or a model whose
-        allocator already ran trained again from step 1 (the schedule would restart on pruned masks)."""
+        """Before anything moves: a model whose allocator already ran, trained again from step 1 (the schedule
+        would restart on pruned masks)."""
         alloc = lora2_model.allocator
-        if state.global_step > 0 and state.global_step >= total:
-            raise ValueError(
-                f"Resuming at step {state.global_step} of a {total}-step run: it is complete, and transformers would "
-                "take one more optimizer step past the pruning schedule. Evaluate or save the model instead."
-            )
         if state.global_step == 0 and alloc.num_updates > 0 and alloc.prunes:
             raise RuntimeError(
                 f"This model's allocator already ran {alloc.num_updates} steps (an earlier training, now at "
@@ -152,8 +149,13 @@ class LoRA2Callback(TrainerCallback):
             )
         if isinstance(saved.get("config"), dict):
             live = json.loads(json.dumps(lora2_model.lora2_config.to_dict()))
-            changed = [f"{k}: {saved['config'].get(k)!r} → {live.get(k)!r}" for k in sorted(live)
-                       if k != "total_step" and saved["config"].get(k) != live.get(k)]
+
+            def same(key: str) -> bool:  # fields saved then (a later version's new fields are not compared)
+                old, new = saved["config"][key], live.get(key)
+                return sorted(old) == sorted(new) if key == "orth_terms" and old and new else old == new
+
+            changed = [f"{k}: {saved['config'][k]!r} → {live.get(k)!r}" for k in sorted(saved["config"])
+                       if k != "total_step" and not same(k)]
             if changed:
                 raise ValueError(
                     "This model's LoRA2Config differs from the one the checkpoint was trained with ("
@@ -180,7 +182,18 @@ class LoRA2Callback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # global_step is incremented after this event, so the step just taken is global_step + 1.
-        find_lora2_model(model).update_and_allocate(state.global_step + 1)
+        lora2_model, step = find_lora2_model(model), state.global_step + 1
+        total = lora2_model.lora2_config.total_step
+        if lora2_model.allocator.prunes and total is not None and step > total:
+            # transformers resuming a complete max_steps run takes one step more: the final masks stay as they are
+            if not self._past_end:
+                warnings.warn(f"Optimizer step {step} is past the {total}-step pruning schedule (a complete run resumed): "
+                              "the final masks are kept.", RuntimeWarning, stacklevel=2)
+            self._past_end += 1
+            with torch.no_grad():
+                lora2_model.allocator.apply_masks()
+            return
+        lora2_model.update_and_allocate(step)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None or "lora2_active_sv" in logs:
@@ -214,29 +227,35 @@ class LoRA2Callback(TrainerCallback):
         if best is None or not (Path(best) / ALLOCATOR_STATE_NAME).is_file():
             return
         saved = load_allocator_state(Path(best))
-        if saved["step"] == lora2_model.allocator.step or not self._holds_weights_of(Path(best), lora2_model):
+        if saved["step"] == lora2_model.allocator.step or self._holds_weights_of(Path(best), lora2_model) is not True:
             return  # the Trainer kept the last model (its loader found nothing): its allocator stays with it
         lora2_model.allocator.load_state_dict(saved)
         self.best_loaded = True
         lora2_model.warn_if_schedule_unfinished(f"load_best_model_at_end loaded {Path(best).name}", BEST_EARLY)
 
     @staticmethod
-    def _holds_weights_of(checkpoint: Path, lora2_model: LoRA2Model) -> bool:
+    def _holds_weights_of(checkpoint: Path, lora2_model: LoRA2Model) -> bool | None:
         """Whether the model now holds this checkpoint's λ and masks (read alone from its full state dict): the
-        evidence that the Trainer restored it, which equal masks alone are not (they are frozen at the end)."""
-        path = checkpoint / FULL_WEIGHTS_NAME
-        if not path.is_file():
-            return False
+        evidence that the Trainer restored it, which equal masks alone are not (they are frozen at the end).
+        None when the checkpoint has no full state dict to compare with (sharded FSDP/DeepSpeed saves)."""
         live = {n: t for n, t in lora2_model.state_dict().items() if n.endswith((".lam", ".mask"))}
-        with safe_open(str(path), framework="pt") as f:
-            if not set(live) <= set(f.keys()):
-                return False
-            return all(torch.equal(f.get_tensor(n).to(device=t.device, dtype=t.dtype), t) for n, t in live.items())
+        path, legacy = checkpoint / FULL_WEIGHTS_NAME, checkpoint / "pytorch_model.bin"
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+                saved = {n: f.get_tensor(n) for n in live if n in names}
+        elif legacy.is_file():  # transformers 4.x with save_safetensors=False
+            saved = torch.load(legacy, map_location="cpu", weights_only=True)
+        else:
+            return None
+        if not set(live) <= set(saved):
+            return False
+        return all(torch.equal(saved[n].to(device=t.device, dtype=t.dtype), t) for n, t in live.items())
 
     def verify_schedule(self, state, lora2_model: LoRA2Model) -> None:
         """Fail loudly when the allocator did not run exactly once per optimizer step of this training."""
         self._verified_at = state.global_step
-        ran = lora2_model.allocator.num_updates - self._updates_at_start
+        ran = lora2_model.allocator.num_updates - self._updates_at_start + self._past_end
         expected = state.global_step - self._step_at_start
         if lora2_model.allocator.prunes and ran != expected:
             raise RuntimeError(
