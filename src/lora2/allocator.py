@@ -56,8 +56,6 @@ class RankAllocator:
                 "LoRA2Config.total_step is not set, so the budget schedule is undefined. Set total_step to the "
                 "number of optimizer steps, or train with lora2.LoRA2Callback(), which takes it from the Trainer."
             )
-        if self.prunes:  # also when total_step was set on the config after wrapping
-            self.config.check_schedule(total)
         return total
 
     def phase(self, step: int) -> str:
@@ -235,6 +233,8 @@ class RankAllocator:
                 "step with increasing step numbers (is it called both in your loop and by LoRA2Callback, or once per "
                 "micro-batch under gradient accumulation?)."
             )
+        if self.prunes:  # once per step, not in every phase/budget lookup; also catches total_step set after wrapping
+            self.config.check_schedule(self._total_step())
         if self.prunes and step > self._total_step():
             raise ValueError(
                 f"update_and_allocate(step={step}) beyond total_step={self.config.total_step}: the budget schedule is "
