@@ -34,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the glue_* modules beside this file
 
 import glue_pool
-from glue_plan import Plan, Step, estimate_line, make_plan, read_json
+from glue_plan import Plan, Step, estimate_line, make_plan, read_json, set_lr_source
 from glue_protocol import (
     PROTOCOL,
     Run,
@@ -126,7 +126,7 @@ def copy_result(step: Step, results_dir: Path) -> None:
 
     data = read_json(step.source) or {}
     source = data.get("benchmark", {})
-    kept = {k: source.get(k) for k in ("finished", "machine", "wall_s")}  # when and where it trained
+    kept = {k: source[k] for k in ("finished", "machine", "wall_s", "lr_chosen_in") if k in source}  # when, where
     write_json(step.run.result_path(results_dir), stamp(data, step, source.get("protocol", "?"), **kept,
                                                         reused_from=step.source.relative_to(results_dir).as_posix()))
     print(f"reuse {step.run.name} = {step.source.relative_to(results_dir).as_posix()}", flush=True)
@@ -136,7 +136,14 @@ def cmd_run(ns: argparse.Namespace) -> int:
     protocol = load_protocol(ns.protocol)
     results_dir, runs_dir = Path(ns.results_dir), Path(ns.runs_dir)
     protocol_id = f"{protocol.get('name', 'protocol')}@{protocol_hash(ns.protocol)}"
-    plan = make_plan(protocol, results_dir)
+    if ns.lr_from is not None:
+        try:
+            lr_from = set_lr_source(results_dir, Path(ns.lr_from), write=not ns.dry_run)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"learning rates: chosen by the search in {repo_relative(lr_from)} (not repeated here)", flush=True)
+    plan = make_plan(protocol, results_dir, ns.lr_from if ns.dry_run else None)
     steps = _view(plan, ns, protocol)
     counts = {k: sum(s.status == k for s in steps) for k in ("done", "reuse", "todo", "waiting", "skip")}
     print(f"{len(steps) - counts['skip']} runs: {counts['done']} done, {counts['reuse']} to reuse, {counts['todo']} "
@@ -191,7 +198,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
         else:
             from lora2.persistence import write_json
 
-            write_json(step.run.result_path(results_dir), stamp(results, step, protocol_id, wall_s=round(wall, 1)))
+            chosen_in = {"lr_chosen_in": repo_relative(plan.lr_source)} if plan.lr_source is not None else {}
+            write_json(step.run.result_path(results_dir),
+                       stamp(results, step, protocol_id, wall_s=round(wall, 1), **chosen_in))
             if ns.claim:
                 glue_pool.release(step.run, runs_dir)
             m = results["main_metric"]
@@ -257,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", type=_csv, help="Comma-separated groups (table1, dynamics, orth, targets, importance).")
     run.add_argument("--tasks", type=_csv, help="Comma-separated tasks.")
     run.add_argument("--seeds", type=lambda t: [int(s) for s in _csv(t)], help="Comma-separated seeds.")
-    run.add_argument("--variants", type=_csv, help="Comma-separated variants (e.g. lora2,lora1).")
+    run.add_argument("--variants", type=_csv, help="Comma-separated variants (e.g. lora2,lora1; group/variant picks one group's: "
+                                                  "importance/full).")
     run.add_argument("--order", choices=["protocol", "priority"], default="protocol",
                      help="protocol: as the file lists them; priority: by the protocol's 'priority' rules.")
     run.add_argument("--max-runs", type=int, help="Train at most N runs, then stop (reused results do not count).")
@@ -266,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dry-run", action="store_true",
                      help="Print the status of every run and the CPU-time estimate; train and copy nothing.")
     run.add_argument("--runs-dir", default=str(RUNS_DIR), help="Run directories (default: %(default)s).")
+    run.add_argument("--lr-from", metavar="RESULTS_DIR",
+                     help="Take the learning rates from the stage-1 search in that results directory instead of "
+                          "searching here (e.g. a CPU sitting at the GPU's choices): only the chosen lr's stage-1 "
+                          "run trains. Recorded in <results-dir>/lr_source.json, which later runs and `tables` "
+                          "follow; a different source is refused.")
     glue_pool.add_arguments(run)
     run.add_argument("--progress", action="store_true", help="Show progress bars.")
     run.add_argument("--no-tables", action="store_true", help="Do not rewrite tables and plots.")

@@ -10,6 +10,7 @@ agree on it, and a stage-2 run turns from waiting to todo as soon as its stage-1
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -20,6 +21,7 @@ from typing import Any
 from glue_protocol import Run, choose_lr, expand, run_key
 
 Cell = tuple[str, str, str]  # (group, variant, task)
+LR_SOURCE = "lr_source.json"  # in a results directory: take the learning-rate choices from another one
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Plan:
     steps: list[Step]
     chosen: dict[Cell, float | None]  # lr chosen per searched (group, variant, task); None: stage 1 incomplete
     provisional: dict[Cell, float | None]  # the grid's own choice while the run beyond its edge is pending
+    lr_source: Path | None = None  # the results directory whose lr search chose the lrs; None: this one
 
     def pending_edge(self, cell: Cell) -> bool:
         return self.chosen.get(cell) is None and self.provisional.get(cell) is not None
@@ -93,16 +96,66 @@ def stored_key(result: dict[str, Any]) -> str | None:
     return run_key(args) if isinstance(args, dict) else None
 
 
-def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
-    runs = expand(protocol)
-    read = {run: read_json(run.result_path(results_dir)) for run in runs}  # each file once per plan
+def lr_source(results_dir: Path) -> Path | None:
+    """The results directory whose learning-rate search ``results_dir`` uses (its ``lr_source.json``), or None:
+    its own search."""
+    path = Path(results_dir) / LR_SOURCE
+    if not path.exists():
+        return None
+    data = read_json(path)
+    if data is None or not isinstance(data.get("lr_from"), str):
+        raise ValueError(f"{path} is not a JSON object with a string 'lr_from' (a results directory, relative "
+                         "to this one); fix or delete it.")
+    return (Path(results_dir) / data["lr_from"]).resolve()
+
+
+def set_lr_source(results_dir: Path, source: Path, write: bool = True) -> Path:
+    """Make ``results_dir`` take its learning rates from ``source``'s stage-1 search (recorded in
+    ``lr_source.json``, so ``tables`` and later sittings agree). Refuses a different source than the recorded
+    one: results already trained at that source's choices would be mixed with another's."""
+    from lora2.persistence import write_json
+
+    results_dir, source = Path(results_dir), Path(source).resolve()
+    if source == results_dir.resolve():
+        raise ValueError(f"--lr-from {source} is the results directory itself; name the directory whose search "
+                         "to reuse, or leave --lr-from out to search here.")
+    if not source.is_dir():
+        raise ValueError(f"--lr-from {source}: no such results directory.")
+    if lr_source(source) is not None:
+        raise ValueError(f"--lr-from {source}: that directory takes its own learning rates from "
+                         f"{lr_source(source)}; name that one.")
+    recorded = lr_source(results_dir)
+    if recorded is not None and recorded != source:
+        raise ValueError(f"{results_dir} already takes its learning rates from {recorded} ({results_dir / LR_SOURCE})"
+                         f"; --lr-from {source} would mix runs chosen by two searches. Use another --results-dir, "
+                         "or delete that file and the results trained under it.")
+    if recorded is None and write:
+        write_json(results_dir / LR_SOURCE, {"lr_from": os.path.relpath(source, results_dir.resolve()),
+                                             "why": "the learning rates of this directory's runs are the ones the "
+                                                    "stage-1 search in lr_from chose; that search is not repeated "
+                                                    "here"})
+    return source
+
+
+def _readable(runs: list[Run], results_dir: Path) -> tuple[dict[Run, dict[str, Any] | None], dict[Run, str]]:
+    """Each run's usable result (read once per plan) and why a present file is not usable."""
+    read = {run: read_json(run.result_path(results_dir)) for run in runs}
     bad = {run: why for run, data in read.items() if (why := unreadable(run.result_path(results_dir), data))}
-    results = {run: None if run in bad else data for run, data in read.items()}
+    return {run: None if run in bad else data for run, data in read.items()}, bad
+
+
+def make_plan(protocol: dict[str, Any], results_dir: Path, lr_from: Path | None = None) -> Plan:
+    """``lr_from``: take the lrs from that directory's search (default: the one ``lr_source.json`` names, else
+    this directory's own)."""
+    runs = expand(protocol)
+    results, bad = _readable(runs, results_dir)
+    source = Path(lr_from).resolve() if lr_from is not None else lr_source(results_dir)
+    searched = results if source is None else _readable([r for r in runs if r.stage == 1], source)[0]
     finals: dict[Cell, dict[float, float | None]] = defaultdict(dict)
     edges: dict[Cell, dict[str, tuple[float, float | None]]] = defaultdict(dict)
     for run in runs:
         if run.stage == 1:
-            result = results[run]
+            result = searched[run]
             final = None if result is None else metric(result)
             if run.edge:
                 edges[run.group, run.variant, run.task][run.edge] = (run.lr, final)
@@ -128,7 +181,17 @@ def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
         if run in bad:
             step.note = f"bad result file ({bad[run]}): it is trained again"
         cell = (run.group, run.variant, run.task)
-        if run.edge and step.result is None and choice[cell][2] != run.edge:  # not (or not yet) needed
+        if source is not None and run.stage == 1 and step.result is None:  # the search ran elsewhere
+            if chosen[cell] is None:
+                step.status = "waiting"
+                step.note += f"{'; ' if step.note else ''}lr: the search in {source.name} is not complete"
+            elif run.lr != chosen[cell]:
+                step.status = "skip"
+                step.note += f"{'; ' if step.note else ''}not needed: {source.name}'s search chose lr {chosen[cell]:g}"
+            if step.status != "todo":
+                steps.append(step)
+                continue
+        elif run.edge and step.result is None and choice[cell][2] != run.edge:  # not (or not yet) needed
             grid_done = choice[cell][1] is not None
             step.status = "skip" if grid_done else "waiting"
             step.note = ("not needed: the grid's choice is not at this end" if grid_done else
@@ -148,7 +211,7 @@ def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
                 step.note += f"{'; ' if step.note else ''}lr: waiting for the run beyond the grid's edge"
             step.status, step.trains = "waiting", first is run
             step.note += f"{'; ' if step.note else ''}lr: {have} of {len(finals[group, variant, run.task])} " \
-                         f"stage-1 runs of {group}/{variant} done"
+                         f"stage-1 runs of {group}/{variant} done" + (f" in {source.name}" if source else "")
         elif key in originals:
             step.status, step.source = "reuse", originals[key]
         elif twin is not run:
@@ -157,7 +220,7 @@ def make_plan(protocol: dict[str, Any], results_dir: Path) -> Plan:
         else:
             step.trains = True
         steps.append(step)
-    return Plan(steps, chosen, {cell: c[1] for cell, c in choice.items()})
+    return Plan(steps, chosen, {cell: c[1] for cell, c in choice.items()}, source)
 
 
 def sec_per_step(protocol: dict[str, Any], plan: Plan) -> dict[str, tuple[float, str]]:

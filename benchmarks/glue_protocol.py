@@ -176,16 +176,20 @@ def expand(protocol: dict[str, Any]) -> list[Run]:
 def select(runs: list[Run], protocol: dict[str, Any], only: Iterable[str] | None = None,
            tasks: Iterable[str] | None = None, seeds: Iterable[int] | None = None,
            variants: Iterable[str] | None = None) -> list[Run]:
-    """The runs of the named groups, tasks, seeds and variants (None: all)."""
+    """The runs of the named groups, tasks, seeds and variants (None: all). A variant is ``name`` (in every group
+    that has it) or ``group/name`` (``importance/full``, not table 1's full fine-tuning)."""
     only, tasks, seeds, variants = (set(x) if x is not None else None for x in (only, tasks, seeds, variants))
     unknown = (only or set()) - set(protocol["groups"])
     if unknown:
         raise ValueError(f"Unknown group(s) {sorted(unknown)}; the protocol has {list(protocol['groups'])}.")
     known = {v for group in protocol["groups"].values() for v in group["variants"]}
+    known |= {f"{g}/{v}" for g, group in protocol["groups"].items() for v in group["variants"]}
     if variants and variants - known:
-        raise ValueError(f"Unknown variant(s) {sorted(variants - known)}; the protocol has {sorted(known)}.")
+        raise ValueError(f"Unknown variant(s) {sorted(variants - known)}; the protocol has "
+                         f"{sorted(v for v in known if '/' not in v)} (or group/variant).")
     return [r for r in runs if (only is None or r.group in only) and (tasks is None or r.task in tasks)
-            and (seeds is None or r.seed in seeds) and (variants is None or r.variant in variants)]
+            and (seeds is None or r.seed in seeds)
+            and (variants is None or r.variant in variants or f"{r.group}/{r.variant}" in variants)]
 
 
 @functools.lru_cache(maxsize=1)

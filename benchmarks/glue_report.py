@@ -107,6 +107,15 @@ def lr_tables(protocol: dict[str, Any], plan: Plan, group_name: str) -> list[str
     return lines
 
 
+def lr_source_lines(plan: Plan) -> list[str]:
+    """Where the learning rates came from when this directory did not search them itself."""
+    if plan.lr_source is None:
+        return []
+    return [f"**The learning rates here were chosen by the stage-1 search in `{repo_relative(plan.lr_source)}/`** "
+            f"(its tables.md shows the grid), by the rule above; this directory trains only each chosen lr's "
+            "stage-1 run (recorded in `lr_source.json`, and as `lr_chosen_in` in each result).", ""]
+
+
 def run_listing(plan: Plan) -> list[str]:
     lines = _header(["run", "lr", "main metric", "final", "best", "best step / steps", "trainable params", "wall s",
                      "reused from"], left=3)
@@ -194,6 +203,7 @@ def render_tables(protocol: dict[str, Any], results_dir: Path, command: str | No
              "parameter that receives gradients, classification head included; LoRA² counts all r singular values "
              "before pruning, AdaLoRA all init_r triplets. Head only is the floor (frozen encoder), full fine-tuning "
              "the ceiling. " + EDGE_NOTE, "", "Learning rates: " + protocol.get("lr_selection", DASH), "",
+             *lr_source_lines(plan),
              "Budgets per task:", "", *budget_table(protocol)]
     for group_name, group in protocol["groups"].items():
         lr = group.get("learning_rate")

@@ -68,6 +68,10 @@ def test_protocol_expands_to_the_exact_run_counts(protocol):
                                                     for v in ("gaussian", "lora1"))
     with pytest.raises(ValueError, match="Unknown variant"):
         gp.select(runs, protocol, variants=["lora3"])
+    with pytest.raises(ValueError, match="Unknown variant"):
+        gp.select(runs, protocol, variants=["orth/full"])
+    assert {r.name for r in gp.select(runs, protocol, tasks=["rte"], seeds=[0], variants=["importance/full", "lora2"])
+            } == {"importance/rte-full-s0", *(f"table1/rte-lora2-lr{lr:g}-s0" for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2))}
     assert len(gp.select(runs, protocol, only=["table1"], seeds=[0])) == 225  # 3 grid lrs + 2 beyond its ends
     with pytest.raises(ValueError, match="Unknown group"):
         gp.select(runs, protocol, only=["table2"])
@@ -229,6 +233,54 @@ def test_run_searches_lr_then_trains_stage_two_and_reuses(tmp_path, monkeypatch,
     assert reused["benchmark"]["lr"] == 0.01 and reused["final"]["accuracy"] == pytest.approx(0.61)
     calls.clear()
     assert bench.main(base) == 0 and calls == []
+
+
+def test_lr_from_trains_only_the_chosen_lr_of_another_directorys_search(tmp_path, monkeypatch, capsys, protocol):
+    runs = {r.name: r for r in gp.expand(protocol)}
+    gpu, cpu = tmp_path / "gpu", tmp_path / "cpu"
+    for lr, final in ((0.0003, 0.70), (0.001, 0.78), (0.003, 0.75)):  # the grid chooses 0.001, inside
+        put(gpu, runs[f"table1/mrpc-lora2-lr{lr:g}-s0"], lr, fake("mrpc", final))
+    cpu.mkdir()
+    calls = []
+
+    def fake_train(run, args, protocol, runs_dir, ns):
+        calls.append((run.name, args["learning_rate"]))
+        return fake(run.task, 0.9), 1.0
+
+    monkeypatch.setattr(bench, "train_one", fake_train)
+    base = ["--results-dir", str(cpu), "run", "--runs-dir", str(tmp_path / "runs"), "--tasks", "mrpc", "--seeds", "0",
+            "--only", "table1,importance", "--no-tables"]
+    assert bench.main([*base, "--lr-from", str(gpu), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not (cpu / glue_plan.LR_SOURCE).exists()  # a dry run writes nothing
+    status = {line.split()[1]: line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+    assert status["table1/mrpc-lora2-lr0.001-s0"] == "todo" and status["importance/mrpc-full-s0"] == "todo"
+    assert {status[f"table1/mrpc-lora2-lr{lr}-s0"] for lr in ("0.0003", "0.003", "0.0001", "0.01")} == {"skip"}
+    assert status["table1/mrpc-lora1-lr0.0005-s0"] == "waiting"  # LoRA's search is not complete there
+    assert bench.main([*base, "--variants", "lora2,reduced,full", "--lr-from", str(gpu)]) == 0
+    assert sorted(calls) == [("importance/mrpc-full-s0", 0.001), ("table1/mrpc-lora2-lr0.001-s0", 0.001)]
+    assert json.loads((cpu / "importance" / "mrpc-full-s0.json").read_text())["benchmark"]["lr_chosen_in"] == str(gpu)
+    copied = json.loads((cpu / "importance" / "mrpc-reduced-s0.json").read_text())["benchmark"]
+    assert copied["reused_from"] == "table1/mrpc-lora2-lr0.001-s0.json" and copied["lr_chosen_in"] == str(gpu)
+    # recorded: later sittings and the tables follow it without the flag, and another source is refused
+    assert json.loads((cpu / glue_plan.LR_SOURCE).read_text())["lr_from"] == "../gpu"
+    plan = glue_plan.make_plan(protocol, cpu)
+    assert plan.lr_source == gpu.resolve() and plan.chosen["table1", "lora2", "mrpc"] == 0.001
+    assert [r["final"]["accuracy"] for r in plan.cell("table1", "lora2", "mrpc")] == [0.9]  # this directory's run
+    assert "chosen by the stage-1 search in" in glue_report.render_tables(protocol, cpu, paper={})
+    (tmp_path / "other").mkdir()
+    capsys.readouterr()
+    assert bench.main([*base, "--lr-from", str(tmp_path / "other")]) == 2
+    assert "already takes its learning rates from" in capsys.readouterr().err
+    for results, bad, why in ((gpu, gpu, "is the results directory itself"),
+                              (gpu, tmp_path / "none", "no such results directory")):
+        with pytest.raises(ValueError, match=why):
+            glue_plan.set_lr_source(results, bad)
+    with pytest.raises(ValueError, match="takes its own learning rates from"):
+        glue_plan.set_lr_source(tmp_path / "third", cpu)
+    (cpu / glue_plan.LR_SOURCE).write_text("[1]", encoding="utf-8")
+    with pytest.raises(ValueError, match="fix or delete it"):
+        glue_plan.make_plan(protocol, cpu)
 
 
 def test_a_failed_or_invalid_run_does_not_end_the_sweep(tmp_path, monkeypatch, capsys):
