@@ -254,7 +254,7 @@ def _csv(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python benchmarks/glue.py", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--protocol", default=str(PROTOCOL), help="Protocol JSON (default: %(default)s).")
@@ -286,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-tables", action="store_true", help="Do not rewrite tables and plots.")
     sub.add_parser("tables", help="Write tables.md (and the plots) from the result files.")
     sub.add_parser("plots", help="Write the learning-curve and update-norm plots from the result files.")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     ns = ap.parse_args(argv)
     if ns.command == "run" and ns.max_runs is not None and ns.max_runs < 0:
         ap.error("--max-runs must be >= 0")
