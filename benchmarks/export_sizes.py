@@ -160,7 +160,8 @@ def run(args: argparse.Namespace, work: Path, shown: list[str]) -> dict[str, Any
             "rank_pattern_disagrees_on": sum(recorded[n] != exact_ranks[n] for n in exact_ranks),
         },
         "lora2": {**dir_report(lora2_dir), "matrices": len(model.lora2_layers),
-                  "lora_parameters": model.num_adapter_parameters() + len(model.lora2_layers) * args.r,  # + masks
+                  "lora_parameters": model.num_adapter_parameters(),  # the five factors, as trained
+                  "mask_entries": len(model.lora2_layers) * args.r,  # saved beside them, not parameters
                   "head_parameters": head},
         "peft_rank_k": {**peft_report(k_dir, model, batch, base_path), "export_seconds": timings["rank_k"]},
         "peft_exact_rank": {**peft_report(exact_dir, model, batch, base_path), "export_seconds": timings["exact_rank"]},
@@ -195,8 +196,9 @@ def markdown(res: dict[str, Any]) -> str:
         files = ", ".join(f"{n} ({b:,})" for n, b in rep["files"].items())
         ranks = ranks or ", ".join(f"{r}: {c}" for r, c in rep["rank_histogram"].items())
         diff = diff or f"{rep['max_abs_logit_diff']:.1e}"
+        masks = f" (+{rep['mask_entries']:,} mask entries)" if rep.get("mask_entries") else ""
         lines.append(f"| {title} | {files} | {rep['bytes']:,} | {rep['matrices']} | {ranks} | "
-                     f"{rep['lora_parameters']:,} | {rep['head_parameters']:,} | {diff} |")
+                     f"{rep['lora_parameters']:,}{masks} | {rep['head_parameters']:,} | {diff} |")
     k_bytes, e_bytes = res["peft_rank_k"]["bytes"], res["peft_exact_rank"]["bytes"]
     lines += [
         "",
@@ -211,8 +213,9 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"The exact-rank export is {e_bytes / k_bytes:.1%} of the rank-k export's size "
         f"({k_bytes - e_bytes:,} bytes saved). Export took {res['peft_rank_k']['export_seconds']} s (rank k) and "
-        f"{res['peft_exact_rank']['export_seconds']} s (exact rank). Adapter params of the LoRA² adapter include the "
-        "saved masks (r per matrix); the logit check runs 64 SST-2 dev sentences through `peft.PeftModel` on a fresh "
+        f"{res['peft_exact_rank']['export_seconds']} s (exact rank). Adapter params count the trained factors "
+        "(`num_adapter_parameters()`); the LoRA² adapter also saves its masks, r entries per matrix; the logit "
+        "check runs 64 SST-2 dev sentences through `peft.PeftModel` on a fresh "
         "base.",
         "",
     ]

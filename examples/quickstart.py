@@ -65,7 +65,9 @@ def main() -> None:
 
     pattern = model.rank_pattern()
     active = sum(v["active"] for v in pattern.values())
-    print(f"active singular values: {active} of {config.r * len(pattern)} (target {model.allocator.b_target})")
+    effective = sum(v["effective_rank"] for v in pattern.values())
+    print(f"active singular values: {active} of {config.r * len(pattern)} (target {model.allocator.b_target}); "
+          f"effective rank of ΔW, summed: {effective} (at most k={config.k} per matrix)")
     adapter_dir = Path(args.output_dir) / "adapter"
     model.save_pretrained(adapter_dir)
     print(f"adapter saved to {adapter_dir}: " + ", ".join(f"{p.name} ({p.stat().st_size:,} B)"

@@ -30,6 +30,15 @@ def test_quick_run_measures_the_pipelines_adapter(tmp_path, tiny_model_dir, glue
         assert res[key]["max_abs_logit_diff"] < 1e-4
     assert res["peft_exact_rank"]["bytes"] <= res["peft_rank_k"]["bytes"]
     assert "# Export sizes" in (tmp_path / "results" / "export_sizes.md").read_text()
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "work" / "run" / "adapter" / "lora2_adapter.safetensors")
+    factors = {k: v.numel() for k, v in saved.items() if k.rsplit(".", 1)[-1] in ("p_outer", "p_inner", "lam",
+                                                                                    "q_inner", "q_outer")}
+    masks = sum(v.numel() for k, v in saved.items() if k.endswith(".mask"))
+    assert (res["lora2"]["lora_parameters"], res["lora2"]["mask_entries"]) == (sum(factors.values()), masks)
+    assert res["lora2"]["lora_parameters"] + masks + res["lora2"]["head_parameters"] == sum(
+        v.numel() for v in saved.values())
 
 
 def test_help(capsys):

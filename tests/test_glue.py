@@ -106,10 +106,14 @@ def test_cli_runs_every_task(task, tmp_path, tiny_model_dir, extra_glue):
     assert spec.main_metric in results["best"]
     assert results["best"][spec.main_metric] == max(h[spec.main_metric] for h in results["eval_history"])
     assert sum(results["active_ranks"].values()) == 2 * 12  # target_rank 2 × 12 matrices at the end
+    # rank(ΔW) beside the count: at most min(k, active) per matrix, and random factors reach it
+    k = results["hyperparameters"]["lora2"]["k"]
+    assert results["effective_ranks"] == {n: min(k, a) for n, a in results["active_ranks"].items()}
     assert (out / "heatmap.png").stat().st_size > 1000
     assert (out / "learning_curve.png").stat().st_size > 1000 and results["learning_curve"].endswith("learning_curve.png")
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert any("loss" in entry for entry in log) and any("eval" in entry for entry in log)
+    assert all("effective_rank" in entry for entry in log if "loss" in entry)
 
 
 @pytest.mark.parametrize("method", ["lora2", "lora", "adalora", "sora", "bitfit", "full", "head"])

@@ -283,7 +283,8 @@ def test_active_pattern_counts_without_any_decomposition(monkeypatch):
     masks[0, :3] = 0
     masks[5, 1] = 0
     model.allocator.set_masks(masks)
-    expected = {n: v["active"] for n, v in model.rank_pattern().items()}
+    ranks = model.rank_pattern()
+    expected = {n: v["active"] for n, v in ranks.items()}
     assert list(expected.values())[:6] == [1, 4, 4, 4, 4, 3]
 
     def refuse(*args, **kwargs):
@@ -292,9 +293,13 @@ def test_active_pattern_counts_without_any_decomposition(monkeypatch):
     for name in ("qr", "svd", "svdvals", "matrix_rank"):
         monkeypatch.setattr(torch.linalg, name, refuse)
     assert model.active_pattern() == expected
+    monkeypatch.undo()
     from lora2.trainer import log_values
 
-    assert log_values(model)["lora2_active_sv"] == sum(expected.values()) == 4 * 12 - 4
+    logged = log_values(model)
+    assert logged["lora2_active_sv"] == sum(expected.values()) == 4 * 12 - 4
+    assert logged["lora2_effective_rank"] == sum(v["effective_rank"] for v in ranks.values())
+    assert logged["lora2_effective_rank"] == sum(min(model.lora2_config.k, a) for a in expected.values())
 
 
 def test_optimizer_param_groups_put_lam_at_its_own_rate():

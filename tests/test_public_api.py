@@ -38,3 +38,21 @@ def test_script_help_runs(script: str) -> None:
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage" in done.stdout.lower()
+
+
+def test_quickstart_runs_end_to_end(tmp_path: Path, glue_dir) -> None:
+    """The README's first command, shortened: trains, prunes to the target, saves, reloads and merges."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "examples/quickstart.py", "--steps", "40", "--data-dir", str(glue_dir),
+                           "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "trainable params: 43,106 || all params: 22,756,322" in out
+    assert "active singular values: 72 of 288 (target 72); effective rank of ΔW, summed: " in out
+    effective = int(out.split("effective rank of ΔW, summed: ")[1].split()[0])
+    assert 1 <= effective <= 36  # k = 1: at most one per matrix
+    assert "reloaded logits identical: True" in out
+    gap = float(out.split("merged vs unmerged max |Δlogit|: ")[1].split()[0])
+    assert gap < 1e-4
+    assert (tmp_path / "run" / "adapter" / "lora2_adapter.safetensors").is_file()

@@ -196,7 +196,8 @@ def test_reporting_integrations_see_the_lora2_values(tmp_path):
     trainer.callback_handler.callbacks.insert(0, recorder)  # where report_to integrations sit: before ours
     trainer.train()
     steps = [entry for entry in recorder.seen if "loss" in entry]
-    assert steps and all({"lora2_active_sv", "lora2_orth_reg", "lora2_budget"} <= set(entry) for entry in steps)
+    assert steps and all({"lora2_active_sv", "lora2_effective_rank", "lora2_orth_reg", "lora2_budget"} <= set(entry)
+                     for entry in steps)
 
 
 # -- lam_lr_ratio: LoRA+-style learning rate for lam ------------------------------------------------

@@ -53,9 +53,12 @@ def checkpoint_dir(args, state) -> Path:
 
 
 def log_values(lora2_model: LoRA2Model) -> dict[str, float]:
-    """Active singular values (mask sums, no rank computation), the current budget b(t), and the last
-    regulariser value with each of its terms."""
-    extra: dict[str, float] = {"lora2_active_sv": sum(lora2_model.active_pattern().values())}
+    """Active singular values (mask sums) beside the summed effective rank of ΔW (at most k per matrix; a
+    small SVD per matrix, tens of ms for a BERT-base at logging steps), the current budget b(t), and the
+    last regulariser value with each of its terms."""
+    pattern = lora2_model.rank_pattern()
+    extra: dict[str, float] = {"lora2_active_sv": sum(v["active"] for v in pattern.values()),
+                               "lora2_effective_rank": sum(v["effective_rank"] for v in pattern.values())}
     if lora2_model.allocator.prunes and lora2_model.lora2_config.total_step and lora2_model.allocator.step > 0:
         extra["lora2_budget"] = lora2_model.allocator.budget(lora2_model.allocator.step)
     if lora2_model.last_orth_reg is not None:

@@ -152,6 +152,9 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
                     pattern = method.active_pattern()
                     if pattern is not None:
                         entry["active_ranks"] = int(sum(pattern.values()))
+                    effective = method.effective_pattern()
+                    if effective is not None:  # LoRA²: rank(ΔW) ≤ k per matrix, whatever the active count
+                        entry["effective_rank"] = int(sum(effective.values()))
                     entry.update(method.log_values())
                     log.write(json.dumps(entry) + "\n")
                     log.flush()

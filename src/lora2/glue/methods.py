@@ -58,6 +58,10 @@ class Method:
         """Active ranks per adapted matrix (cheap: counts only), or None for methods without ranks."""
         return None
 
+    def effective_pattern(self) -> dict[str, int] | None:
+        """rank(ΔW) per adapted matrix where it can be below the active count (LoRA²: at most k), else None."""
+        return None
+
     def log_values(self) -> dict[str, float]:
         """Extra values for the training log (e.g. regulariser terms)."""
         return {}
@@ -122,6 +126,9 @@ class LoRA2Method(Method):
 
     def active_pattern(self) -> dict[str, int]:
         return self.model.active_pattern()
+
+    def effective_pattern(self) -> dict[str, int]:
+        return {name: v["effective_rank"] for name, v in self.model.rank_pattern().items()}
 
     def log_values(self) -> dict[str, float]:
         values = {}

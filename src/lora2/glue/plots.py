@@ -44,8 +44,10 @@ def pattern_grid(pattern: dict[str, int]) -> tuple[list[str], list[int], np.ndar
     return rows, layers, grid
 
 
-def save_heatmap(pattern: dict[str, int], path: str | Path, title: str, vmax: int | None = None) -> Path:
-    """Write the heatmap PNG atomically; cells are annotated with their counts."""
+def save_heatmap(pattern: dict[str, int], path: str | Path, title: str, vmax: int | None = None,
+                 effective_total: int | None = None) -> Path:
+    """Write the heatmap PNG atomically; cells are annotated with their counts. ``effective_total``: the summed
+    rank(ΔW), shown beside the active count (for LoRA² it is at most k per matrix, whatever the count)."""
     rows, layers, grid = pattern_grid(pattern)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(layers) + 2), max(2.5, 0.45 * len(rows) + 1.2)))
     image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax if vmax is not None else np.nanmax(grid), aspect="auto")
@@ -59,7 +61,8 @@ def save_heatmap(pattern: dict[str, int], path: str | Path, title: str, vmax: in
                 bright = vmax is not None and value > 0.6 * vmax
                 ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color="black" if bright else "white")
     total = int(np.nansum(grid))
-    ax.set_title(f"{title}\nactive singular values: {total}", fontsize=10)
+    effective = "" if effective_total is None else f"; effective rank (sum): {effective_total}"
+    ax.set_title(f"{title}\nactive singular values: {total}{effective}", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     fig.tight_layout()
     path = Path(path)

@@ -216,11 +216,12 @@ def finish(args: GlueArgs, task: GlueTask, method: Any, state: LoopState, out_di
     from .plots import save_heatmap, save_learning_curve
 
     method.save(out_dir / "adapter")
-    pattern = method.active_pattern()
+    pattern, effective = method.active_pattern(), method.effective_pattern()
     heatmap = None
     if pattern is not None:
         heatmap = str(save_heatmap(pattern, out_dir / "heatmap.png", f"{task.name.upper()} {args.method}",
-                                   vmax=method.initial_rank))
+                                   vmax=method.initial_rank,
+                                   effective_total=None if effective is None else sum(effective.values())))
     curve = str(save_learning_curve(state.history, task.main_metric, out_dir / "learning_curve.png",
                                     f"{task.name.upper()} {args.method}: dev {task.main_metric}"))
     final = state.history[-1]
@@ -243,6 +244,7 @@ def finish(args: GlueArgs, task: GlueTask, method: Any, state: LoopState, out_di
         "steps_per_s": round(state.step / state.train_time, 4) if state.train_time else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "active_ranks": pattern,
+        "effective_ranks": effective,
         "heatmap": heatmap,
         "learning_curve": curve,
         "device": device,
