@@ -718,7 +718,10 @@ def test_documented_quality_tables_match_the_gpu_results(protocol, doc, heading)
         label = row[0].replace("*", "").lower()
         variant = next(v for k, v in DOC_ROWS.items() if label.startswith(k))
         for task, cell in zip(tasks, row[2:], strict=True):
-            shown = float(cell.split()[0])
-            assert shown == glue_compare._mean(plan, "table1", variant, task, "final"), (doc, variant, task)
+            mean = glue_compare._mean(plan, "table1", variant, task, "final")
+            if cell.startswith("—"):  # not run (again) yet: the results must agree
+                assert mean is None, (doc, variant, task)
+            else:
+                assert float(cell.split()[0]) == mean, (doc, variant, task)
             checked += 1
     assert checked == len(rows) * len(tasks)

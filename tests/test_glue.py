@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from lora2.cli import main
 from lora2.glue import GlueDataError, get_task, load_split, read_tsv
@@ -300,6 +300,30 @@ def test_pipeline_defaults_for_lora2_and_the_shared_adalora_schedule(tiny_model_
         GlueArgs(task="rte", lora2={"k": 0})
     with pytest.raises(ValueError, match="set by the pipeline"):
         GlueArgs(task="rte", lora2={"total_step": 10})
+
+
+def test_adalora_trains_with_its_orthogonality_regulariser(tiny_model_dir):
+    """PEFT adds γ·R only in AdaLoraModel.forward, which a task-typed PeftModel reaches; the log splits it off."""
+    from lora2.glue.methods import build_method
+
+    batch = {"input_ids": torch.tensor([[101, 7592, 2088, 102], [101, 2088, 102, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), "labels": torch.tensor([0, 1])}
+    seen = []
+    for weight in (0.0, 0.1, 0.5):
+        torch.manual_seed(0)
+        args = GlueArgs(task="rte", method="adalora", adalora_init_r=4, adalora_target_r=2,
+                        lora2={"orth_reg_weight": weight, "dropout": 0.0})
+        method = build_method(args, AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2),
+                              total_steps=100)
+        method.model.train()
+        loss = float(method.model(**batch).loss)
+        seen.append((loss, method.task_loss(loss)))
+        grams = [p @ p.T if "lora_A" in n else p.T @ p for n, p in method.model.named_parameters()
+                 if "lora_A" in n or "lora_B" in n]
+        reg = sum(torch.linalg.matrix_norm(g - torch.eye(g.shape[0])) for g in grams)  # PEFT's: ‖·‖_F, not squared
+        assert loss == pytest.approx(seen[0][0] + weight * float(reg) / len(grams), rel=1e-5)
+    assert len({round(task, 6) for _, task in seen}) == 1 and seen[0][0] == pytest.approx(seen[0][1])
+    assert seen[2][0] - seen[2][1] == pytest.approx(5 * (seen[1][0] - seen[1][1]), rel=1e-5)
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -170,13 +170,33 @@ class PeftMethod(Method):
 
 
 class AdaLoRAMethod(PeftMethod):
-    """PEFT AdaLoRA; its rank allocator's importance statistics are part of the state."""
+    """PEFT AdaLoRA; its rank allocator's importance statistics are part of the state.
+
+    The model must be a task-typed PeftModel (``SEQ_CLS``): only its forward goes through ``AdaLoraModel.forward``,
+    which adds the orthogonality regulariser γ·R to the loss; a plain ``PeftModel`` calls the transformers model
+    directly and trains without it."""
 
     STATS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
     def __init__(self, model: nn.Module, init_r: int) -> None:
         super().__init__("adalora", model)
         self.initial_rank = init_r
+        self._task: torch.Tensor | None = None  # the transformers model's own loss in the last forward
+        hf = model.get_base_model()
+        forward = hf.forward
+
+        def recording_forward(*args: Any, **kwargs: Any) -> Any:
+            # AdaLoraModel calls ``model.forward`` directly (no module hooks fire), then adds γ·R to the loss in place
+            output = forward(*args, **kwargs)
+            loss = getattr(output, "loss", None)
+            if isinstance(loss, torch.Tensor):
+                self._task = loss.detach().clone()
+            return output
+
+        hf.forward = recording_forward
+
+    def task_loss(self, loss: float) -> float:
+        return loss if self._task is None else float(self._task)
 
     def after_step(self, step: int, lr: float) -> None:
         self.model.base_model.update_and_allocate(step)
@@ -246,5 +266,5 @@ def _build_peft(args: GlueArgs, base: nn.Module, settings: dict[str, Any], targe
                            lora_dropout=settings["dropout"], tinit=settings["init_warmup"],
                            tfinal=settings["final_warmup"], deltaT=settings["mask_interval"], beta1=settings["beta1"],
                            beta2=settings["beta2"], orth_reg_weight=settings["orth_reg_weight"],
-                           total_step=total_steps, target_modules=targets, modules_to_save=heads)
+                           total_step=total_steps, target_modules=targets, modules_to_save=heads, task_type="SEQ_CLS")
     return AdaLoRAMethod(get_peft_model(base, config), args.adalora_init_r)
