@@ -91,6 +91,8 @@ def train_one(run: Run, args: dict[str, Any], protocol: dict[str, Any], runs_dir
     if save_steps and latest_checkpoint(run_dir) is not None:  # a stopped worker left it
         options["resume_from_checkpoint"] = "last"
         print(f"    resuming {run.name} from {latest_checkpoint(run_dir).name}", flush=True)
+    else:  # the runner owns its run directories: what a run stopped before its first checkpoint left goes
+        options["overwrite_output_dir"] = True
     glue_args = GlueArgs.from_flat(options)
     t0 = time.perf_counter()
     results = run_glue(glue_args)

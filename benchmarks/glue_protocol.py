@@ -28,7 +28,7 @@ TASK_META = ("label", "sec_per_step", "truncated_pct")
 # GlueArgs fields that do not change what is trained, left out of a run's identity (the same set as
 # lora2.glue.run.NOT_IDENTITY, which this module does not import to stay free of torch; a test compares them).
 NON_IDENTITY = ("output_dir", "data_dir", "no_progress", "num_threads", "device", "tf32", "resume_from_checkpoint",
-                "save_steps", "save_total_limit", "logging_steps", "eval_batch_size")
+                "save_steps", "save_total_limit", "logging_steps", "eval_batch_size", "overwrite_output_dir")
 # LoRA2Config fields whose pipeline default depends on the task or the run length (GlueArgs.lora2_settings):
 # only an explicit value is part of the key, so "alpha 32 on SST-2" is not mistaken for the default.
 TASK_DEPENDENT = ("alpha", "init_warmup", "final_warmup")

@@ -324,7 +324,8 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}", encoding="utf-8")  # a complete checkpoint's marker
     bench.train_one(run, dict(run.args), protocol, tmp_path, _ns())
-    assert [(a.save_steps, a.resume_from_checkpoint) for a in seen] == [(100, None), (100, "last")]
+    assert [(a.save_steps, a.resume_from_checkpoint, a.overwrite_output_dir) for a in seen] == [
+        (100, None, True), (100, "last", False)]  # without a checkpoint the run starts over in its own directory
     bench.train_one(run, dict(run.args), protocol, tmp_path, _ns(no_checkpoints=True, tf32=True))
     assert (seen[-1].save_steps, seen[-1].resume_from_checkpoint, seen[-1].tf32) == (None, None, True)
 

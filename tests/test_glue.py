@@ -94,6 +94,40 @@ def run_cli(tmp_path, model, data_dir, task, method="lora2", *extra):
     return json.loads((out / "results.json").read_text()), out
 
 
+def test_an_output_dir_with_an_earlier_run_is_refused_or_replaced(tmp_path, tiny_model_dir, glue_dir, capsys):
+    results, out = run_cli(tmp_path, tiny_model_dir, glue_dir, "rte", "lora2", "--save-steps", "3")
+    assert {"results.json", "heatmap.png", "adapter", "checkpoint-3"} <= {p.name for p in out.iterdir()}
+    argv = ["glue", "--task", "rte", "--method", "lora", "--model", tiny_model_dir, "--data-dir", str(glue_dir),
+            "--output-dir", str(out), "--max-steps", "4", "--batch-size", "8", "--max-length", "48",
+            "--max-train-samples", "48", "--max-eval-samples", "40", "--lora-r", "2", "--no-progress"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (results.json" in err and "--overwrite-output-dir" in err
+    assert json.loads((out / "results.json").read_text())["method"] == "lora2"  # untouched
+    assert main([*argv, "--lora-r", "0", "--overwrite-output-dir"]) == 2  # fails to start: the earlier run stays
+    assert (out / "heatmap.png").is_file() and (out / "checkpoint-3").is_dir()
+    assert main([*argv, "--overwrite-output-dir", "--save-steps", "2", "--save-total-limit", "1"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "heatmap.png" not in names and "checkpoint-3" not in names and "checkpoint-2" in names
+    assert json.loads((out / "results.json").read_text())["method"] == "lora"
+    assert not (out / "adapter" / "lora2_adapter.safetensors").exists()
+
+
+def test_how_often_it_evaluates_does_not_change_the_training(tmp_path, tiny_model_dir, glue_dir):
+    from safetensors.torch import load_file
+
+    runs = []
+    for every in ("6", "2"):
+        results, out = run_cli(tmp_path / every, tiny_model_dir, glue_dir, "rte", "lora2", "--eval-steps", every,
+                               "--dropout", "0.1")
+        runs.append((results, load_file(out / "adapter" / "lora2_adapter.safetensors")))
+    (first, weights), (second, again) = runs
+    assert [h["step"] for h in second["eval_history"]] == [2, 4, 6] and len(first["eval_history"]) == 1
+    assert first["final"] == second["final"] and weights.keys() == again.keys()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
 @pytest.mark.parametrize("task", ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"])
 def test_cli_runs_every_task(task, tmp_path, tiny_model_dir, extra_glue):
     results, out = run_cli(tmp_path, tiny_model_dir, extra_glue, task)

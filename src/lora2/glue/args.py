@@ -103,6 +103,9 @@ class GlueArgs:
         "help": "On a CUDA GPU, let float32 matmuls use TF32 tensor cores (faster, ~1e-3 relative precision in "
                 "the matmuls); no effect on a CPU. Recorded in results.json."})
     no_progress: bool = field(default=False, metadata={"help": "Hide progress bars."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace an earlier run's files in --output-dir (results.json, train_log.jsonl, adapter/, "
+                "checkpoint-N/, the plots) instead of refusing to mix two runs there."})
     lora2: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "LoRA2Config fields set for this run (the rest keep their defaults); AdaLoRA shares the schedule "
                 "(init_warmup, final_warmup, mask_interval, beta1, beta2), orth_reg_weight and dropout.",

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,23 @@ def peak_memory_mb(device: str) -> float:
 
 # Options that do not change what a run trains: a checkpoint may be resumed with other values of these.
 NOT_IDENTITY = ("output_dir", "data_dir", "no_progress", "num_threads", "device", "tf32", "resume_from_checkpoint",
-                "save_steps", "save_total_limit", "logging_steps", "eval_batch_size")
+                "save_steps", "save_total_limit", "logging_steps", "eval_batch_size", "overwrite_output_dir")
+RUN_FILES = ("results.json", "train_log.jsonl", "adapter", "heatmap.png", "learning_curve.png")  # what a run writes
+
+
+def earlier_run(out_dir: Path) -> list[Path]:
+    """The files and folders an earlier run left in ``out_dir`` (an empty train log does not count)."""
+    found = [out_dir / n for n in RUN_FILES if (out_dir / n).exists()]
+    found = [p for p in found if not (p.name == "train_log.jsonl" and p.is_file() and p.stat().st_size == 0)]
+    return found + sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir())
+
+
+def clear_earlier_run(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 @dataclass
@@ -158,9 +175,10 @@ def prepare_run(args: GlueArgs) -> PreparedRun:
     gen = torch.Generator().manual_seed(args.seed)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen,
                                                collate_fn=collate, drop_last=False)
-    eval_loaders = {
-        s: torch.utils.data.DataLoader(Encoded(ex, tokenizer, args.max_length, task.is_regression),
-                                       batch_size=args.eval_batch_size, collate_fn=collate)
+    eval_loaders = {  # each with its own generator: an evaluation draws nothing from the RNG that drives dropout,
+        s: torch.utils.data.DataLoader(Encoded(ex, tokenizer, args.max_length, task.is_regression),  # so how often
+                                       batch_size=args.eval_batch_size, collate_fn=collate,  # it runs cannot change
+                                       generator=torch.Generator().manual_seed(args.seed))  # the training
         for s, ex in dev_examples.items()
     }
     total_steps = args.max_steps or math.ceil(args.epochs * len(train_loader))
@@ -188,7 +206,15 @@ def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] 
     out_dir = Path(args.output_dir or f"runs/{get_task(args.task).name}-{args.method}-s{args.seed}")
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--output-dir {out_dir} is a file.")
+    earlier = [] if args.resume_from_checkpoint or not out_dir.is_dir() else earlier_run(out_dir)
+    if earlier and not args.overwrite_output_dir:
+        raise FileExistsError(
+            f"--output-dir {out_dir} already holds a run ({', '.join(p.name for p in earlier[:5])}"
+            f"{', ...' if len(earlier) > 5 else ''}); its files would mix with this run's. Choose another "
+            "--output-dir, pass --overwrite-output-dir to replace that run, or --resume-from-checkpoint last to "
+            "continue it.")
     p = prepare_run(args)
+    clear_earlier_run(earlier)  # only now: a run that fails to start leaves the earlier one intact
     total_steps = p.settings.total_steps
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "train_log.jsonl"
