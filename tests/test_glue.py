@@ -95,7 +95,7 @@ def run_cli(tmp_path, model, data_dir, task, method="lora2", *extra):
 
 
 def test_an_output_dir_with_an_earlier_run_is_refused_or_replaced(tmp_path, tiny_model_dir, glue_dir, capsys):
-    results, out = run_cli(tmp_path, tiny_model_dir, glue_dir, "rte", "lora2", "--save-steps", "3")
+    _, out = run_cli(tmp_path, tiny_model_dir, glue_dir, "rte", "lora2", "--save-steps", "3")
     assert {"results.json", "heatmap.png", "adapter", "checkpoint-3"} <= {p.name for p in out.iterdir()}
     argv = ["glue", "--task", "rte", "--method", "lora", "--model", tiny_model_dir, "--data-dir", str(glue_dir),
             "--output-dir", str(out), "--max-steps", "4", "--batch-size", "8", "--max-length", "48",
