@@ -114,6 +114,44 @@ def test_an_output_dir_with_an_earlier_run_is_refused_or_replaced(tmp_path, tiny
     assert not (out / "adapter" / "lora2_adapter.safetensors").exists()
 
 
+def test_cli_spelling_limits_and_warnings(tmp_path, tiny_model_dir, glue_dir, capsys):
+    import os
+    import stat
+
+    results, out = run_cli(tmp_path, tiny_model_dir, glue_dir, "STS-B", "lora2", "--save-steps", "4")
+    assert results["task"] == "stsb" and results["data_source"] == str(glue_dir.resolve())
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if "loss" in line]
+    # the logged lr is the one the step trained with: 6 steps, warm-up round(0.06 · 6) = 0, lr 1e-3 at step 1
+    peak = results["hyperparameters"]["learning_rate"]
+    assert results["hyperparameters"]["warmup_steps"] == 0 and log[-1]["step"] == 6
+    assert log[-1]["lr"] == pytest.approx(peak / 6)  # linear decay: step 6 of 6 trains at 1/6 of the peak
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (out / "results.json", out / "heatmap.png", out / "adapter" / "lora2_adapter.safetensors",
+                 out / "checkpoint-4", out / "checkpoint-4" / "trainer_state.json"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o777 if path.is_dir() else 0o666) & ~mask, (path, oct(mode))
+    base = ["glue", "--task", "rte", "--model", tiny_model_dir, "--data-dir", str(glue_dir), "--no-progress",
+            "--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "8"]
+    capsys.readouterr()
+    assert main([*base, "--output-dir", str(tmp_path / "long"), "--max-length", "200"]) == 2
+    assert "--max-length 200 exceeds the 128 positions" in capsys.readouterr().err
+    assert not (tmp_path / "long").exists()
+    assert main([*base, "--output-dir", str(tmp_path / "nan"), "--method", "full", "--learning-rate", "1e30",
+                 "--max-steps", "4"]) == 2  # a diverged run: a message, not a traceback
+    assert "lora2 glue: error: Training loss is" in capsys.readouterr().err
+    assert main([*base, "--output-dir", str(tmp_path / "t"), "--target-modules", ","]) == 2
+    assert "names no module" in capsys.readouterr().err
+    assert main([*base, "--output-dir", str(tmp_path / "ada"), "--method", "adalora", "--max-steps", "2"]) == 2
+    assert "AdaLoRA needs at least one step before its final phase" in capsys.readouterr().err
+    with pytest.warns(UserWarning) as seen:
+        assert main([*base, "--output-dir", str(tmp_path / "w"), "--epochs", "1", "--warmup-steps", "5",
+                     "--eval-steps", "9", "--save-steps", "9", "--init-warmup", "0", "--final-warmup", "0"]) == 0
+    text = " ".join(str(w.message) for w in seen)
+    assert "--warmup-steps 5 is not shorter than the 2 steps --epochs 1 gives" in text
+    assert "--eval-steps 9 exceeds the run's 2 steps" in text and "--save-steps 9 exceeds" in text
+
+
 def test_how_often_it_evaluates_does_not_change_the_training(tmp_path, tiny_model_dir, glue_dir):
     from safetensors.torch import load_file
 
@@ -231,6 +269,41 @@ def test_missing_columns_and_empty_files_are_named(tmp_path):
     _write(tmp_path, "SST-2", "sentence\tlabel\n")
     with pytest.raises(GlueDataError, match="has no examples"):
         read_tsv("sst2", "train", root)
+
+
+def test_bad_scores_extra_fields_and_encodings_are_named(tmp_path):
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    for score in ("nan", "inf", "-37", "5.5"):
+        root = _write(tmp_path / score, "STS-B", header + f"0\tg\tf\ty\t0\ts\ts\ta\tb\t{score}\n")
+        with pytest.raises(GlueDataError, match=rf"train.tsv:2: label '{score}' is outside the STS-B score range"):
+            read_tsv("stsb", "train", root)
+    root = _write(tmp_path, "CoLA", "src\t1\t\tThe sailors\trode the breeze.\n")  # a tab inside the sentence
+    with pytest.raises(GlueDataError, match=r"CoLA/train.tsv:1: 5 tab-separated fields, more than the 4"):
+        read_tsv("cola", "train", root)
+    root = _write(tmp_path, "RTE", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\textra\n")
+    with pytest.raises(GlueDataError, match=r"train.tsv:2: 5 tab-separated fields, more than the 4"):
+        read_tsv("rte", "train", root)
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "train.tsv").write_bytes("sentence\tlabel\ncaf\u00e9\t1\n".encode("latin-1"))
+    with pytest.raises(GlueDataError, match=r"SST-2/train.tsv is not UTF-8 text .*iconv"):
+        read_tsv("sst2", "train", tmp_path)
+
+
+def test_a_local_directory_is_the_only_source_once_set(tmp_path, monkeypatch):
+    from lora2.glue import data
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(data, "load_from_hub", lambda *a: pytest.fail("a set directory must never fall back"))
+    root = _write(tmp_path, "rte", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
+    with pytest.raises(FileNotFoundError, match=r"has no rte train split: expected .*RTE/train.tsv \(found rte/"):
+        load_split("rte", "train", root)
+    monkeypatch.setenv("LORA2_GLUE_DIR", str(root))
+    with pytest.raises(FileNotFoundError, match=r"\$LORA2_GLUE_DIR .* unset \$LORA2_GLUE_DIR to download"):
+        load_split("rte", "dev")
+    assert data.data_source() == str(root.resolve()) and data.data_source(tmp_path / "x") == str(tmp_path / "x")
+    monkeypatch.delenv("LORA2_GLUE_DIR")
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    assert data.data_source() == "hub:nyu-mll/glue"
 
 
 def test_offline_without_local_data_names_both_remedies(tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, fields: 
         if kind is bool:
             parser.add_argument(flag, action="store_true", **kwargs)
             continue
-        kwargs["type"] = kind
+        kwargs["type"] = f.metadata.get("parse", kind)
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
         if unset_defaults is not None:
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, OSError, RuntimeError, TypeError) as err:  # OSError: missing files, permissions, full disk
+    except (ValueError, OSError, RuntimeError, TypeError, FloatingPointError) as err:  # OSError: files, disk
         print(f"lora2 {ns.command}: error: {err}", file=sys.stderr)
         return 2
 

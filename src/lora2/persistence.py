@@ -34,6 +34,14 @@ ALLOCATOR_WEIGHTS_NAME = "lora2_allocator.safetensors"
 ALLOCATOR_STATE_NAME = "lora2_allocator.json"
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions ``open``/``mkdir`` would give under the current umask (mkstemp/mkdtemp give 0600/0700, which
+    would leave a shared run directory readable by its writer alone)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename the result onto ``path`` (same filesystem)."""
     path = Path(path)
@@ -42,6 +50,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_mode())  # after: a writer may replace the file rather than write into it
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

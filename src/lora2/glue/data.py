@@ -1,12 +1,14 @@
-"""GLUE examples from the original TSV download, with ``nyu-mll/glue`` on the hub as the fallback.
+"""GLUE examples from the original TSV download, or ``nyu-mll/glue`` from the hub when no local directory is set.
 
-A local directory wins (``--data-dir``, else ``$LORA2_GLUE_DIR``, else ``$GLUE_DIR``). Every
-malformed row is reported with its file and line; nothing is silently skipped.
+A local directory (``--data-dir``, else ``$LORA2_GLUE_DIR``, else ``$GLUE_DIR``) is the only source once set: a
+split missing there is an error, never a silent download that would mix two sources. Every malformed row is
+reported with its file and line; nothing is silently skipped.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -43,9 +45,12 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
     raw = raw.strip()
     if task.is_regression:
         try:
-            return float(raw)
+            score = float(raw)
         except ValueError:
             raise GlueDataError(f"{where}: label {raw!r} is not a number (STS-B scores are 0–5).") from None
+        if not math.isfinite(score) or not 0.0 <= score <= 5.0:
+            raise GlueDataError(f"{where}: label {raw!r} is outside the STS-B score range 0–5.")
+        return score
     assert task.labels is not None
     if raw not in task.labels:
         raise GlueDataError(f"{where}: label {raw!r} is not one of {list(task.labels)} for {task.name}.")
@@ -61,6 +66,17 @@ def read_tsv(task: GlueTask | str, split: str, data_dir: str | Path) -> list[Exa
                                 f"{split}.tsv).")
     csv.field_size_limit(sys.maxsize)
     examples: list[Example] = []
+    try:
+        _read_rows(task, path, examples)
+    except UnicodeDecodeError as err:
+        raise GlueDataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); GLUE's files are UTF-8: "
+                            "convert it, e.g. iconv -f latin1 -t utf-8.") from None
+    if not examples:
+        raise GlueDataError(f"{path} has no examples.")
+    return examples
+
+
+def _read_rows(task: GlueTask, path: Path, examples: list[Example]) -> None:
     with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         if task.header:
@@ -73,9 +89,11 @@ def read_tsv(task: GlueTask | str, split: str, data_dir: str | Path) -> list[Exa
                 raise GlueDataError(f"{path}:1: missing column(s) {missing}; the header has {header}.")
             text_idx = [header.index(c) for c in task.text_columns]
             label_idx = header.index(task.label_column)
+            width = len(header)
         else:
             text_idx = [int(c) for c in task.text_columns]
             label_idx = int(task.label_column)
+            width = max(*text_idx, label_idx) + 1
         needed = max(*text_idx, label_idx) + 1
         for row in reader:
             where = f"{path}:{reader.line_num}"
@@ -83,10 +101,10 @@ def read_tsv(task: GlueTask | str, split: str, data_dir: str | Path) -> list[Exa
                 continue
             if len(row) < needed:
                 raise GlueDataError(f"{where}: expected at least {needed} tab-separated fields, found {len(row)}.")
+            if len(row) > width:  # a tab inside a text field would silently cut it
+                raise GlueDataError(f"{where}: {len(row)} tab-separated fields, more than the {width} of "
+                                    f"{task.name}'s layout (a tab inside a sentence?).")
             examples.append(Example(tuple(row[i] for i in text_idx), _parse_label(task, row[label_idx], where)))
-    if not examples:
-        raise GlueDataError(f"{path} has no examples.")
-    return examples
 
 
 def _hf_split(split: str) -> str:
@@ -103,27 +121,40 @@ def load_from_hub(task: GlueTask, split: str) -> list[Example]:
     return [Example(tuple(r[c] for c in task.hf_text_columns), r["label"]) for r in rows]
 
 
+def data_source(data_dir: str | Path | None = None) -> str:
+    """Where ``load_split`` reads from: the local directory, or the hub dataset (for results.json)."""
+    directory = Path(data_dir) if data_dir is not None else default_data_dir()
+    return str(directory.resolve()) if directory is not None else f"hub:{HF_DATASET}"
+
+
 def load_split(task: GlueTask | str, split: str, data_dir: str | Path | None = None) -> list[Example]:
-    """Local TSVs if present, else the hub; offline with neither, one message with both remedies."""
+    """The local TSVs when a directory is set (a missing split there is an error), else the hub; offline with
+    neither, one message with both remedies."""
     task = get_task(task) if isinstance(task, str) else task
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     if directory is not None:
+        source = "--data-dir" if data_dir is not None else "$" + next(v for v in ENV_VARS if os.environ.get(v))
         if not directory.is_dir():
-            source = "--data-dir" if data_dir is not None else next(v for v in ENV_VARS if os.environ.get(v))
             raise FileNotFoundError(f"{source} {directory} does not exist or is not a directory.")
-        if split_file(task, split, directory).is_file():
-            return read_tsv(task, split, directory)
+        path = split_file(task, split, directory)
+        if not path.is_file():
+            near = [p.name for p in directory.iterdir() if p.is_dir() and p.name.lower() == task.dirname.lower()]
+            hint = f" (found {near[0]}/: the GLUE layout spells it {task.dirname}/)" if near and near[0] != \
+                task.dirname else ""
+            raise FileNotFoundError(
+                f"{source} {directory} has no {task.name} {split} split: expected {path}{hint}. Add the file, or "
+                f"unset {source} to download {HF_DATASET!r} from the hub instead.")
+        return read_tsv(task, split, directory)
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     remedy = (
         f"Provide the data in one of two ways: (1) point --data-dir (or ${ENV_VARS[0]}) at a directory with the "
         f"original GLUE TSV layout, e.g. <dir>/{task.dirname}/{split}.tsv; or (2) go online so the Hugging Face "
         f"dataset {HF_DATASET!r} ({task.name}) can be downloaded."
     )
-    where = f" in {directory}" if directory is not None else ""
     if offline:
-        raise FileNotFoundError(f"No local {task.name} {split} split{where} and the hub is offline. {remedy}")
+        raise FileNotFoundError(f"No local {task.name} {split} split (no --data-dir or ${ENV_VARS[0]}) and the hub "
+                                f"is offline. {remedy}")
     try:
         return load_from_hub(task, split)
     except Exception as err:  # network, missing package, hub errors: all lead to the same two remedies
-        raise FileNotFoundError(f"No local {task.name} {split} split{where}, and the hub failed ({err}). {remedy}") \
-            from err
+        raise FileNotFoundError(f"No local {task.name} {split} split, and the hub failed ({err}). {remedy}") from err

@@ -138,6 +138,7 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
                     continue  # consumed before the checkpoint this run resumed from
                 t0 = time.perf_counter()
                 batch = {k: v.to(device) for k, v in batch.items()}
+                lr_used = scheduler.get_last_lr()[0]  # this step's rate: the schedule moves on inside train_step
                 loss = train_step(method, batch, optimizer, scheduler, state.step + 1, settings.max_grad_norm, params)
                 state.step += 1
                 state.batches_done = index + 1
@@ -148,7 +149,7 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
                 step = state.step
                 if step % settings.logging_steps == 0 or step == total:
                     entry = {"step": step, "loss": float(np.mean(running)), "task_loss": float(np.mean(running_task)),
-                             "lr": scheduler.get_last_lr()[0]}
+                             "lr": lr_used}
                     pattern = method.active_pattern()
                     if pattern is not None:
                         entry["active_ranks"] = int(sum(pattern.values()))

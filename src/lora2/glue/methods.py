@@ -262,6 +262,11 @@ def _build_peft(args: GlueArgs, base: nn.Module, settings: dict[str, Any], targe
         config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=settings["dropout"],
                             target_modules=targets, modules_to_save=heads)
         return PeftMethod("lora", get_peft_model(base, config))
+    if total_steps - settings["final_warmup"] < 2:
+        raise ValueError(
+            f"AdaLoRA needs at least one step before its final phase to gather importance, but {total_steps} steps "
+            f"minus --final-warmup {settings['final_warmup']} leave {total_steps - settings['final_warmup']}: "
+            "train longer or lower --final-warmup.")
     config = AdaLoraConfig(init_r=args.adalora_init_r, target_r=args.adalora_target_r, lora_alpha=args.adalora_alpha,
                            lora_dropout=settings["dropout"], tinit=settings["init_warmup"],
                            tfinal=settings["final_warmup"], deltaT=settings["mask_interval"], beta1=settings["beta1"],

@@ -14,6 +14,7 @@ import platform
 import resource
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..persistence import write_json
 from .args import GlueArgs
-from .data import Example, load_split
+from .data import Example, data_source, load_split
 from .loop import LoopSettings, LoopState, resume, train
 from .methods import Method, build_method
 from .metrics import compute_metrics, flatten_split_metrics, main_score
@@ -61,6 +62,18 @@ def load_model_and_tokenizer(name: str | None, task: GlueTask) -> tuple[Any, Any
             ) from err
         raise RuntimeError(f"Could not load model {path!r}: {err}") from err
     return model, tokenizer, path
+
+
+def position_limit(model: Any, tokenizer: Any) -> int | None:
+    """The longest input the model takes: the smaller of the tokenizer's ``model_max_length`` (where set) and the
+    config's ``max_position_embeddings`` (RoBERTa's 514 includes its padding offset; the tokenizer says 512).
+    None for DeBERTa-v2/v3, whose relative positions have no such limit."""
+    config = model.config
+    if getattr(config, "position_biased_input", True) is False:
+        return None
+    limits = [getattr(tokenizer, "model_max_length", None), getattr(config, "max_position_embeddings", None)]
+    limits = [v for v in limits if isinstance(v, int) and v < 1_000_000]  # transformers' "unset" is ~1e30
+    return min(limits) if limits else None
 
 
 class Encoded(torch.utils.data.Dataset):
@@ -170,6 +183,10 @@ def prepare_run(args: GlueArgs) -> PreparedRun:
     train_examples = load_split(task, "train", args.data_dir)[: args.max_train_samples]
     dev_examples = {s: load_split(task, s, args.data_dir)[: args.max_eval_samples] for s in task.dev_splits}
     base, tokenizer, model_path = load_model_and_tokenizer(args.model, task)
+    limit = position_limit(base, tokenizer)
+    if limit is not None and args.max_length > limit:
+        raise ValueError(f"--max-length {args.max_length} exceeds the {limit} positions {model_path} was trained "
+                         f"with; use --max-length {limit} or less.")
     collate = _collate(tokenizer)
     train_set = Encoded(train_examples, tokenizer, args.max_length, task.is_regression)
     gen = torch.Generator().manual_seed(args.seed)
@@ -187,6 +204,14 @@ def prepare_run(args: GlueArgs) -> PreparedRun:
     lr = args.learning_rate_or_default()
     optimizer = torch.optim.AdamW(method.param_groups(lr, args.weight_decay), lr=lr, weight_decay=args.weight_decay)
     warmup = args.warmup_steps if args.warmup_steps is not None else round(0.06 * total_steps)
+    if args.max_steps is None and warmup >= total_steps:  # with --max-steps GlueArgs already said so
+        warnings.warn(f"--warmup-steps {warmup} is not shorter than the {total_steps} steps --epochs "
+                      f"{args.epochs:g} gives: the learning rate never reaches {lr:g}.", UserWarning, stacklevel=2)
+    for flag, value in (("--eval-steps", args.eval_steps), ("--save-steps", args.save_steps)):
+        if value and value > total_steps:
+            warnings.warn(f"{flag} {value} exceeds the run's {total_steps} steps: "
+                          + ("only the final evaluation runs." if flag == "--eval-steps" else "no checkpoint is written."),
+                          UserWarning, stacklevel=2)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
     settings = LoopSettings(total_steps=total_steps, eval_every=args.eval_steps or len(train_loader),
                             logging_steps=args.logging_steps, max_grad_norm=args.max_grad_norm,
@@ -260,6 +285,7 @@ def finish(args: GlueArgs, task: GlueTask, method: Any, state: LoopState, out_di
         "trainable_params": method.trainable_parameters(),
         "adapter_params": getattr(method.model, "num_adapter_parameters", lambda: None)(),
         "train_examples": train_examples,
+        "data_source": data_source(args.data_dir),
         "final": {k: v for k, v in final.items() if k != "step"},
         "best": {"step": state.best["step"], **state.best["metrics"]},
         "main_metric": task.main_metric,
