@@ -207,6 +207,11 @@ def test_cli_runs_every_method(method, tmp_path, tiny_model_dir, glue_dir):
         ranks = results["active_ranks"]
         assert sum(ranks.values()) == 2 * 12 and len(set(ranks.values())) > 1
         assert (out / "heatmap.png").exists()
+        assert results["hyperparameters"]["lora2"] == {  # only what AdaLoRA reads, as run_cli set it
+            "dropout": 0.0, "init_warmup": 1, "final_warmup": 2, "mask_interval": 1, "beta1": 0.85, "beta2": 0.85,
+            "orth_reg_weight": 0.1}
+    if method in ("lora", "sora", "bitfit", "head", "full"):
+        assert set(results["hyperparameters"]["lora2"]) <= {"dropout"}
     if method == "sora":  # the proximal step zeroed gates
         assert sum(results["active_ranks"].values()) < 4 * 12
     if method == "bitfit":

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..persistence import write_json
-from .args import GlueArgs
+from .args import LORA2_OPTIONS_READ_BY, GlueArgs
 from .data import Example, data_source, load_split
 from .loop import LoopSettings, LoopState, resume, train
 from .methods import Method, build_method
@@ -281,7 +281,9 @@ def finish(args: GlueArgs, task: GlueTask, method: Any, state: LoopState, out_di
         "task": task.name, "method": args.method, "seed": args.seed, "model": model_path,
         "hyperparameters": {**{k: v for k, v in dataclasses.asdict(args).items() if k != "lora2"},
                             "learning_rate": lr, "warmup_steps": warmup, "total_steps": total_steps,
-                            "lora2": settings if args.method in ("lora2", "adalora") else dict(args.lora2)},
+                            # the LoRA² options this method read (AdaLoRA: its schedule, γ, dropout)
+                            "lora2": settings if args.method == "lora2" else
+                            {k: v for k, v in settings.items() if k in LORA2_OPTIONS_READ_BY[args.method]}},
         "trainable_params": method.trainable_parameters(),
         "adapter_params": getattr(method.model, "num_adapter_parameters", lambda: None)(),
         "train_examples": train_examples,
