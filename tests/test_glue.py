@@ -188,6 +188,39 @@ def test_cli_runs_every_task(task, tmp_path, tiny_model_dir, extra_glue):
     assert all("effective_rank" in entry for entry in log if "loss" in entry)
 
 
+@pytest.mark.parametrize("method", ["lora2", "lora", "adalora", "sora", "bitfit", "head"])
+def test_the_saved_adapter_reloads_as_the_readme_says(method, tmp_path, tiny_model_dir, glue_dir):
+    """README, "Reloading adapter/": each method's documented reload gives the run's final dev metric."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from lora2 import LoRA2Model
+    from lora2.glue.baselines import add_sora
+    from lora2.glue.run import Encoded, _collate, evaluate
+
+    from .conftest import BERT_TARGETS
+
+    results, out = run_cli(tmp_path, tiny_model_dir, glue_dir, "rte", method, "--lora-r", "2", "--adalora-init-r",
+                           "4", "--adalora-target-r", "2", "--sora-r", "4", "--learning-rate", "0.01")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    if method == "lora2":
+        model = LoRA2Model.from_pretrained(base, out / "adapter")
+    elif method in ("lora", "adalora"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, out / "adapter")
+    else:
+        if method == "sora":
+            add_sora(base, BERT_TARGETS, r=4, alpha=results["hyperparameters"]["sora_alpha"])
+        missing = base.load_state_dict(load_file(out / "adapter" / "trainable.safetensors"), strict=False)
+        assert not missing.unexpected_keys
+        model = base
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    dev = read_tsv("rte", "dev", glue_dir)[:40]
+    loader = torch.utils.data.DataLoader(Encoded(dev, tokenizer, 48, False), batch_size=64, collate_fn=_collate(tokenizer))
+    assert evaluate(model, {"dev": loader}, get_task("rte"), "cpu", False) == results["final"]
+
+
 @pytest.mark.parametrize("method", ["lora2", "lora", "adalora", "sora", "bitfit", "full", "head"])
 def test_cli_runs_every_method(method, tmp_path, tiny_model_dir, glue_dir):
     results, out = run_cli(tmp_path, tiny_model_dir, glue_dir, "rte", method, "--lora-r", "2", "--adalora-init-r",

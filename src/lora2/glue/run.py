@@ -103,10 +103,11 @@ def evaluate(model: Any, loaders: dict[str, Any], task: GlueTask, device: str, p
     for split, loader in loaders.items():
         preds, labels = [], []
         for batch in tqdm(loader, desc=f"eval {split}", leave=False, disable=not progress):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(**batch).logits
+            labels.append(batch["labels"].numpy())
+            # no labels in the forward: metrics need only the logits, and a loss would make PEFT's AdaLoRA add its
+            # regulariser, which fails on an adapter loaded for inference (peft#571)
+            logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
             preds.append(logits.float().cpu().numpy())
-            labels.append(batch["labels"].cpu().numpy())
         per_split[split] = compute_metrics(task, np.concatenate(preds), np.concatenate(labels))
     model.train()
     return flatten_split_metrics(task, per_split)
