@@ -81,6 +81,7 @@ def glue_args(args: argparse.Namespace, run_dir: Path) -> GlueArgs:
         "task": "sst2", "method": "lora2", "model": args.model, "data_dir": str(args.data_dir),
         "output_dir": str(run_dir), "max_length": args.max_len, "batch_size": args.batch, "learning_rate": args.lr,
         "max_steps": args.steps, "eval_steps": args.steps, "seed": args.seed, "no_progress": True,
+        "overwrite_output_dir": True,  # --keep DIR run again: this script owns DIR/run
         "max_train_samples": args.steps * args.batch, "max_eval_samples": args.max_eval_samples,
         "k": args.k, "r": args.r, "target_rank": args.target_rank, "alpha": args.alpha,
         "init_warmup": args.steps // 5, "final_warmup": args.steps // 4, "mask_interval": 5})

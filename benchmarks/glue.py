@@ -140,7 +140,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     protocol_id = f"{protocol.get('name', 'protocol')}@{protocol_hash(ns.protocol)}"
     if ns.lr_from is not None:
         try:
-            lr_from = set_lr_source(results_dir, Path(ns.lr_from), write=not ns.dry_run)
+            lr_from = set_lr_source(results_dir, Path(ns.lr_from), protocol, write=not ns.dry_run)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

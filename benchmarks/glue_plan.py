@@ -106,13 +106,18 @@ def lr_source(results_dir: Path) -> Path | None:
     if data is None or not isinstance(data.get("lr_from"), str):
         raise ValueError(f"{path} is not a JSON object with a string 'lr_from' (a results directory, relative "
                          "to this one); fix or delete it.")
-    return (Path(results_dir) / data["lr_from"]).resolve()
+    source = (Path(results_dir) / data["lr_from"]).resolve()
+    if not source.is_dir():
+        raise ValueError(f"{path} takes the learning rates from {source}, which does not exist (moved?); fix "
+                         "lr_from there, or restore that directory.")
+    return source
 
 
-def set_lr_source(results_dir: Path, source: Path, write: bool = True) -> Path:
+def set_lr_source(results_dir: Path, source: Path, protocol: dict[str, Any], write: bool = True) -> Path:
     """Make ``results_dir`` take its learning rates from ``source``'s stage-1 search (recorded in
     ``lr_source.json``, so ``tables`` and later sittings agree). Refuses a different source than the recorded
-    one: results already trained at that source's choices would be mixed with another's."""
+    one, and a directory whose lr-dependent runs were trained at its own search's choices: either would mix
+    runs chosen by two searches in one table."""
     from lora2.persistence import write_json
 
     results_dir, source = Path(results_dir), Path(source).resolve()
@@ -129,6 +134,13 @@ def set_lr_source(results_dir: Path, source: Path, write: bool = True) -> Path:
         raise ValueError(f"{results_dir} already takes its learning rates from {recorded} ({results_dir / LR_SOURCE})"
                          f"; --lr-from {source} would mix runs chosen by two searches. Use another --results-dir, "
                          "or delete that file and the results trained under it.")
+    if recorded is None:
+        own = [run.name for run in expand(protocol) if (run.stage in (1, 2) or run.lr_from is not None)
+               and run.result_path(results_dir).is_file()]
+        if own:
+            raise ValueError(f"{results_dir} already holds runs trained at its own search's learning rates ("
+                             f"{', '.join(own[:3])}{', ...' if len(own) > 3 else ''}); --lr-from would mix the two "
+                             "searches. Use another --results-dir.")
     if recorded is None and write:
         write_json(results_dir / LR_SOURCE, {"lr_from": os.path.relpath(source, results_dir.resolve()),
                                              "why": "the learning rates of this directory's runs are the ones the "

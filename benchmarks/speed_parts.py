@@ -55,7 +55,7 @@ def bench_allocator(base: nn.Module, batch: dict[str, torch.Tensor], repeats: in
     for name, source in (("lora2_reduced", "lora2"), ("lora2_full", "lora2_full"), ("adalora", "adalora")):
         method = wrap(source, copy.deepcopy(base), total_steps)
         method.model.train()
-        method.model(**batch).loss.backward()  # real gradients; never zeroed, so every call sees them
+        method.training_loss(batch).backward()  # real gradients; never zeroed, so every call sees them
         variants[name] = method
     counters = dict.fromkeys(variants, 0)
     huge = 10**9  # Δt so large that no call of the timing loop is a mask step: EMA update only

@@ -273,11 +273,16 @@ def test_lr_from_trains_only_the_chosen_lr_of_another_directorys_search(tmp_path
     assert bench.main([*base, "--lr-from", str(tmp_path / "other")]) == 2
     assert "already takes its learning rates from" in capsys.readouterr().err
     for results, bad, why in ((gpu, gpu, "is the results directory itself"),
-                              (gpu, tmp_path / "none", "no such results directory")):
+                              (gpu, tmp_path / "none", "no such results directory"),
+                              (gpu, tmp_path / "other", "already holds runs trained at its own search's")):
         with pytest.raises(ValueError, match=why):
-            glue_plan.set_lr_source(results, bad)
+            glue_plan.set_lr_source(results, bad, protocol)
     with pytest.raises(ValueError, match="takes its own learning rates from"):
-        glue_plan.set_lr_source(tmp_path / "third", cpu)
+        glue_plan.set_lr_source(tmp_path / "third", cpu, protocol)
+    (tmp_path / "other").rename(tmp_path / "moved")
+    (cpu / glue_plan.LR_SOURCE).write_text(json.dumps({"lr_from": "../other"}), encoding="utf-8")
+    with pytest.raises(ValueError, match="which does not exist"):
+        glue_plan.make_plan(protocol, cpu)
     (cpu / glue_plan.LR_SOURCE).write_text("[1]", encoding="utf-8")
     with pytest.raises(ValueError, match="fix or delete it"):
         glue_plan.make_plan(protocol, cpu)

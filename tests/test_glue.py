@@ -105,13 +105,30 @@ def test_an_output_dir_with_an_earlier_run_is_refused_or_replaced(tmp_path, tiny
     err = capsys.readouterr().err
     assert "already holds a run (results.json" in err and "--overwrite-output-dir" in err
     assert json.loads((out / "results.json").read_text())["method"] == "lora2"  # untouched
-    assert main([*argv, "--lora-r", "0", "--overwrite-output-dir"]) == 2  # fails to start: the earlier run stays
+    assert main([*argv, "--max-length", "200", "--overwrite-output-dir"]) == 2  # fails to start: the earlier run stays
     assert (out / "heatmap.png").is_file() and (out / "checkpoint-3").is_dir()
     assert main([*argv, "--overwrite-output-dir", "--save-steps", "2", "--save-total-limit", "1"]) == 0
     names = {p.name for p in out.iterdir()}
     assert "heatmap.png" not in names and "checkpoint-3" not in names and "checkpoint-2" in names
     assert json.loads((out / "results.json").read_text())["method"] == "lora"
     assert not (out / "adapter" / "lora2_adapter.safetensors").exists()
+
+
+def test_position_limits_of_model_families():
+    from types import SimpleNamespace as NS
+
+    from lora2.glue.run import position_limit
+
+    def limit(tokenizer_max, **config):
+        return position_limit(NS(config=NS(**config)), NS(model_max_length=tokenizer_max))
+
+    assert limit(512, max_position_embeddings=512) == 512  # BERT
+    assert limit(512, max_position_embeddings=514) == 512  # RoBERTa: 2 positions for its padding offset
+    assert limit(128, max_position_embeddings=512) == 512  # a tokenizer saved with a small default
+    assert limit(int(1e30), max_position_embeddings=4096) == 4096  # Llama: the tokenizer leaves it unset
+    assert limit(512, max_position_embeddings=512, position_biased_input=False) is None  # DeBERTa-v3: relative
+    assert limit(512, max_position_embeddings=-1) is None  # XLNet: no limit
+    assert limit(512) is None  # T5: relative positions, no such field
 
 
 def test_cli_spelling_limits_and_warnings(tmp_path, tiny_model_dir, glue_dir, capsys):
@@ -185,7 +202,10 @@ def test_cli_runs_every_task(task, tmp_path, tiny_model_dir, extra_glue):
     assert (out / "learning_curve.png").stat().st_size > 1000 and results["learning_curve"].endswith("learning_curve.png")
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert any("loss" in entry for entry in log) and any("eval" in entry for entry in log)
-    assert all("effective_rank" in entry for entry in log if "loss" in entry)
+    # with the ΔW statistics at each evaluation (steps 3 and 6), in results.json and in the log
+    assert [n["effective_rank"] for n in results["update_norms"]] == [12, sum(results["effective_ranks"].values())]
+    assert [e["update_norm"]["effective_rank"] for e in log if "eval" in e] == [  # k = 1: at most one per matrix
+        n["effective_rank"] for n in results["update_norms"]]
 
 
 @pytest.mark.parametrize("method", ["lora2", "lora", "adalora", "sora", "bitfit", "head"])
@@ -219,6 +239,8 @@ def test_the_saved_adapter_reloads_as_the_readme_says(method, tmp_path, tiny_mod
     dev = read_tsv("rte", "dev", glue_dir)[:40]
     loader = torch.utils.data.DataLoader(Encoded(dev, tokenizer, 48, False), batch_size=64, collate_fn=_collate(tokenizer))
     assert evaluate(model, {"dev": loader}, get_task("rte"), "cpu", False) == results["final"]
+    with torch.no_grad():  # and a forward with labels, as the 🤗 Trainer's evaluation makes (peft#571 for AdaLoRA)
+        assert torch.isfinite(model(**next(iter(loader))).loss)
 
 
 @pytest.mark.parametrize("method", ["lora2", "lora", "adalora", "sora", "bitfit", "full", "head"])
@@ -322,8 +344,9 @@ def test_bad_scores_extra_fields_and_encodings_are_named(tmp_path):
     with pytest.raises(GlueDataError, match=r"train.tsv:2: 5 tab-separated fields, more than the 4"):
         read_tsv("rte", "train", root)
     (tmp_path / "SST-2").mkdir()
-    (tmp_path / "SST-2" / "train.tsv").write_bytes("sentence\tlabel\ncaf\u00e9\t1\n".encode("latin-1"))
-    with pytest.raises(GlueDataError, match=r"SST-2/train.tsv is not UTF-8 text .*iconv"):
+    rows = "sentence\tlabel\n" + "fine\t1\n" * 3000 + "caf\u00e9\t1\n"  # past the reader's first chunk
+    (tmp_path / "SST-2" / "train.tsv").write_bytes(rows.encode("latin-1"))
+    with pytest.raises(GlueDataError, match=r"SST-2/train.tsv:3002: byte 21018 \(invalid .*\): not UTF-8 .*iconv"):
         read_tsv("sst2", "train", tmp_path)
 
 
@@ -448,7 +471,8 @@ def test_pipeline_defaults_for_lora2_and_the_shared_adalora_schedule(tiny_model_
 
 
 def test_adalora_trains_with_its_orthogonality_regulariser(tiny_model_dir):
-    """PEFT adds γ·R only in AdaLoraModel.forward, which a task-typed PeftModel reaches; the log splits it off."""
+    """PEFT adds γ·R only in AdaLoraModel.forward, which PeftModel.forward skips; the log splits it off, and the
+    model keeps no wrapper (a deep copy runs its own weights)."""
     from lora2.glue.methods import build_method
 
     batch = {"input_ids": torch.tensor([[101, 7592, 2088, 102], [101, 2088, 102, 0]]),
@@ -461,7 +485,7 @@ def test_adalora_trains_with_its_orthogonality_regulariser(tiny_model_dir):
         method = build_method(args, AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2),
                               total_steps=100)
         method.model.train()
-        loss = float(method.model(**batch).loss)
+        loss = float(method.training_loss(batch))
         seen.append((loss, method.task_loss(loss)))
         grams = [p @ p.T if "lora_A" in n else p.T @ p for n, p in method.model.named_parameters()
                  if "lora_A" in n or "lora_B" in n]
@@ -469,6 +493,14 @@ def test_adalora_trains_with_its_orthogonality_regulariser(tiny_model_dir):
         assert loss == pytest.approx(seen[0][0] + weight * float(reg) / len(grams), rel=1e-5)
     assert len({round(task, 6) for _, task in seen}) == 1 and seen[0][0] == pytest.approx(seen[0][1])
     assert seen[2][0] - seen[2][1] == pytest.approx(5 * (seen[1][0] - seen[1][1]), rel=1e-5)
+    assert "forward" not in vars(method.model.get_base_model())
+    import copy
+
+    twin = copy.deepcopy(method.model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    assert not torch.equal(twin(**batch).logits, method.model(**batch).logits)
 
 
 @pytest.mark.parametrize(("options", "message"), [

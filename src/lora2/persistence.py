@@ -34,12 +34,22 @@ ALLOCATOR_WEIGHTS_NAME = "lora2_allocator.safetensors"
 ALLOCATOR_STATE_NAME = "lora2_allocator.json"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS tells (Linux); setting it to read it back would
+    briefly give another thread's new files mode 0666."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def default_mode(directory: bool = False) -> int:
     """The permissions ``open``/``mkdir`` would give under the current umask (mkstemp/mkdtemp give 0600/0700, which
     would leave a shared run directory readable by its writer alone)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

@@ -68,9 +68,17 @@ def read_tsv(task: GlueTask | str, split: str, data_dir: str | Path) -> list[Exa
     examples: list[Example] = []
     try:
         _read_rows(task, path, examples)
-    except UnicodeDecodeError as err:
-        raise GlueDataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); GLUE's files are UTF-8: "
-                            "convert it, e.g. iconv -f latin1 -t utf-8.") from None
+    except UnicodeDecodeError:
+        raw = path.read_bytes()  # the reader decodes in chunks: find the offset in the file itself
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw[:err.start].count(b"\n") + 1
+            where = f"{path}:{line}: byte {err.start} ({err.reason})"
+        else:
+            where = str(path)
+        raise GlueDataError(f"{where}: not UTF-8 text; GLUE's files are UTF-8: convert it, e.g. "
+                            "iconv -f latin1 -t utf-8.") from None
     if not examples:
         raise GlueDataError(f"{path} has no examples.")
     return examples

@@ -87,7 +87,7 @@ def train_step(method: Method, batch: dict[str, torch.Tensor], optimizer: Any, s
     ``phase`` (benchmarks) is called with "forward", "backward", "optimizer" (clip included), "hook" and
     "zero_grad" as each part ends, so a timer can split the step without a second copy of it.
     """
-    loss = method.model(**batch).loss
+    loss = method.training_loss(batch)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"Training loss is {loss.item()} at step {step}; lower the learning rate.")
     if phase is not None:
@@ -153,9 +153,6 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
                     pattern = method.active_pattern()
                     if pattern is not None:
                         entry["active_ranks"] = int(sum(pattern.values()))
-                    effective = method.effective_pattern()
-                    if effective is not None:  # LoRA²: rank(ΔW) ≤ k per matrix, whatever the active count
-                        entry["effective_rank"] = int(sum(effective.values()))
                     entry.update(method.log_values())
                     log.write(json.dumps(entry) + "\n")
                     log.flush()
@@ -165,6 +162,11 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
                     metrics = evaluate()
                     state.history.append({"step": step, **metrics})
                     norms = method.update_norms()
+                    # LoRA²: rank(ΔW) ≤ k per matrix whatever the active count; a small SVD per matrix (a device
+                    # sync each on a GPU), so with the other ΔW statistics at evaluations, not at every log line
+                    effective = method.effective_pattern()
+                    if norms is not None and effective is not None:
+                        norms = {**norms, "effective_rank": int(sum(effective.values()))}
                     if norms is not None:
                         state.update_norms.append({"step": step, **norms})
                     log.write(json.dumps({"step": step, "eval": metrics, "update_norm": norms}) + "\n")

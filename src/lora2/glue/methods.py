@@ -50,8 +50,12 @@ class Method:
         """A loss whose gradient is added after clipping (LoRA² with ``--orth-clip separate``: γ·R)."""
         return None
 
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss a training step minimises (the regulariser included where the method has one)."""
+        return self.model(**batch).loss
+
     def task_loss(self, loss: float) -> float:
-        """The task part of the training loss the model returned (LoRA² adds γ·R to it)."""
+        """The task part of the last training loss (LoRA² and AdaLoRA add γ·R to it)."""
         return loss
 
     def active_pattern(self) -> dict[str, int] | None:
@@ -169,31 +173,45 @@ class PeftMethod(Method):
                 yield module.get_delta_weight("default"), module.get_base_layer().weight
 
 
+class _TaskLossRecorder:
+    """Stands in for a transformers model's ``forward`` during one call and keeps the loss it returned, before
+    PEFT's AdaLoraModel adds γ·R to that tensor in place (it calls ``model.forward`` directly: no hook fires)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.loss = module, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        output = type(self.module).forward(self.module, *args, **kwargs)
+        loss = getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            self.loss = loss.detach().clone()
+        return output
+
+
 class AdaLoRAMethod(PeftMethod):
     """PEFT AdaLoRA; its rank allocator's importance statistics are part of the state.
 
-    The model must be a task-typed PeftModel (``SEQ_CLS``): only its forward goes through ``AdaLoraModel.forward``,
-    which adds the orthogonality regulariser γ·R to the loss; a plain ``PeftModel`` calls the transformers model
-    directly and trains without it."""
+    The training loss goes through ``AdaLoraModel.forward``, which adds the orthogonality regulariser γ·R: the
+    plain ``PeftModel`` (kept so that a saved adapter reloads and evaluates with labels, peft#571) calls the
+    transformers model directly and would train without it."""
 
     STATS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
     def __init__(self, model: nn.Module, init_r: int) -> None:
         super().__init__("adalora", model)
         self.initial_rank = init_r
-        self._task: torch.Tensor | None = None  # the transformers model's own loss in the last forward
-        hf = model.get_base_model()
-        forward = hf.forward
+        self._task: torch.Tensor | None = None  # the transformers model's own loss in the last training forward
 
-        def recording_forward(*args: Any, **kwargs: Any) -> Any:
-            # AdaLoraModel calls ``model.forward`` directly (no module hooks fire), then adds γ·R to the loss in place
-            output = forward(*args, **kwargs)
-            loss = getattr(output, "loss", None)
-            if isinstance(loss, torch.Tensor):
-                self._task = loss.detach().clone()
-            return output
-
-        hf.forward = recording_forward
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hf = self.model.get_base_model()
+        recorder = _TaskLossRecorder(hf)
+        hf.forward = recorder  # for this call only: nothing stays on the module to copy, pickle or replicate
+        try:
+            loss = self.model.base_model(**batch).loss
+        finally:
+            del hf.forward
+        self._task = recorder.loss
+        return loss
 
     def task_loss(self, loss: float) -> float:
         return loss if self._task is None else float(self._task)
@@ -271,5 +289,5 @@ def _build_peft(args: GlueArgs, base: nn.Module, settings: dict[str, Any], targe
                            lora_dropout=settings["dropout"], tinit=settings["init_warmup"],
                            tfinal=settings["final_warmup"], deltaT=settings["mask_interval"], beta1=settings["beta1"],
                            beta2=settings["beta2"], orth_reg_weight=settings["orth_reg_weight"],
-                           total_step=total_steps, target_modules=targets, modules_to_save=heads, task_type="SEQ_CLS")
+                           total_step=total_steps, target_modules=targets, modules_to_save=heads)
     return AdaLoRAMethod(get_peft_model(base, config), args.adalora_init_r)

@@ -65,15 +65,15 @@ def load_model_and_tokenizer(name: str | None, task: GlueTask) -> tuple[Any, Any
 
 
 def position_limit(model: Any, tokenizer: Any) -> int | None:
-    """The longest input the model takes: the smaller of the tokenizer's ``model_max_length`` (where set) and the
-    config's ``max_position_embeddings`` (RoBERTa's 514 includes its padding offset; the tokenizer says 512).
-    None for DeBERTa-v2/v3, whose relative positions have no such limit."""
+    """The longest input the model's position embeddings take: the config's ``max_position_embeddings``, or the
+    tokenizer's ``model_max_length`` when that is up to two lower (RoBERTa's 514 counts its padding offset; its
+    tokenizer says 512). None where positions are relative or unbounded (DeBERTa-v2/v3, T5, XLNet's -1)."""
     config = model.config
-    if getattr(config, "position_biased_input", True) is False:
+    positions = getattr(config, "max_position_embeddings", None)
+    if getattr(config, "position_biased_input", True) is False or not isinstance(positions, int) or positions <= 0:
         return None
-    limits = [getattr(tokenizer, "model_max_length", None), getattr(config, "max_position_embeddings", None)]
-    limits = [v for v in limits if isinstance(v, int) and v < 1_000_000]  # transformers' "unset" is ~1e30
-    return min(limits) if limits else None
+    told = getattr(tokenizer, "model_max_length", None)
+    return told if isinstance(told, int) and positions - 2 <= told < positions else positions
 
 
 class Encoded(torch.utils.data.Dataset):
