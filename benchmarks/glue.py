@@ -200,7 +200,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
         else:
             from lora2.persistence import write_json
 
-            chosen_in = {"lr_chosen_in": repo_relative(plan.lr_source)} if plan.lr_source is not None else {}
+            chosen_in = {} if plan.lr_source is None else {  # relative to the results directory, as lr_source.json
+                "lr_chosen_in": Path(os.path.relpath(plan.lr_source, results_dir.resolve())).as_posix()}
             write_json(step.run.result_path(results_dir),
                        stamp(results, step, protocol_id, wall_s=round(wall, 1), **chosen_in))
             if ns.claim:

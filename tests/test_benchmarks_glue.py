@@ -259,9 +259,9 @@ def test_lr_from_trains_only_the_chosen_lr_of_another_directorys_search(tmp_path
     assert status["table1/mrpc-lora1-lr0.0005-s0"] == "waiting"  # LoRA's search is not complete there
     assert bench.main([*base, "--variants", "lora2,reduced,full", "--lr-from", str(gpu)]) == 0
     assert sorted(calls) == [("importance/mrpc-full-s0", 0.001), ("table1/mrpc-lora2-lr0.001-s0", 0.001)]
-    assert json.loads((cpu / "importance" / "mrpc-full-s0.json").read_text())["benchmark"]["lr_chosen_in"] == str(gpu)
+    assert json.loads((cpu / "importance" / "mrpc-full-s0.json").read_text())["benchmark"]["lr_chosen_in"] == "../gpu"
     copied = json.loads((cpu / "importance" / "mrpc-reduced-s0.json").read_text())["benchmark"]
-    assert copied["reused_from"] == "table1/mrpc-lora2-lr0.001-s0.json" and copied["lr_chosen_in"] == str(gpu)
+    assert copied["reused_from"] == "table1/mrpc-lora2-lr0.001-s0.json" and copied["lr_chosen_in"] == "../gpu"
     # recorded: later sittings and the tables follow it without the flag, and another source is refused
     assert json.loads((cpu / glue_plan.LR_SOURCE).read_text())["lr_from"] == "../gpu"
     plan = glue_plan.make_plan(protocol, cpu)
