@@ -66,6 +66,19 @@ def _task_type(class_name: str | None, adapted: list[str], modules_to_save: list
     return None
 
 
+def _check_saved_suffixes(adapted: list[str], modules_to_save: list[str]) -> None:
+    """PEFT applies a modules_to_save entry to every module whose name ends with it, without a dot boundary:
+    'classifier' also catches DistilBERT's 'pre_classifier', and PEFT refuses to load a file where that one
+    is a LoRA layer."""
+    for saved in modules_to_save:
+        caught = [n for n in adapted if n != saved and n.endswith(saved)]
+        if caught:
+            raise ValueError(
+                f"modules_to_save entry {saved!r} would also catch the adapted {caught[0]!r} in PEFT, which matches "
+                "modules_to_save names as plain suffixes and cannot then load this export. Train without adapting "
+                f"{caught[0]!r} (leave it out of target_modules) to export this model to PEFT.")
+
+
 def _check_unambiguous(names: list[str]) -> None:
     """PEFT matches target_modules and rank_pattern keys as dotted suffixes: no name may end another."""
     by_last: dict[str, list[str]] = {}
@@ -124,6 +137,7 @@ def export_to_peft(
     if source_dir is not None and out.exists() and out.resolve() == source_dir.resolve():
         raise ValueError(f"Output {out} is the LoRA² adapter directory itself; write the PEFT adapter to another one.")
     _check_unambiguous(list(src.factors) + src.modules_to_save)
+    _check_saved_suffixes(list(src.factors), src.modules_to_save)
 
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}

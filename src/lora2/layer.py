@@ -86,6 +86,16 @@ class LoRA2Layer(nn.Module):
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, k={self.k}, r={self.r}, scaling={self.scaling:g}"
 
+    # Models read these off the layer they call (T5 casts to ``self.wo.weight.dtype``): the base layer's, which
+    # are what the layer holds (the update is never folded into them unless merged).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def core(self) -> torch.Tensor:
         """The k×k matrix s · p_inner · diag(lam ⊙ mask) · q_inner (differentiable)."""
         return core(self.p_inner, self.lam, self.mask, self.q_inner, self.scaling)

@@ -126,14 +126,18 @@ class LoRA2Model(nn.Module):
 
     def _warn_if_head_frozen(self, model: nn.Module) -> None:
         """A task head that is neither trained nor adapted stays as loaded: random for a fresh head."""
-        heads = TASK_HEADS.get(task_type(type(model).__name__) or "")
-        if heads is None or self.lora2_config.modules_to_save is not None:
+        if TASK_HEADS.get(task_type(type(model).__name__) or "") is None or self.lora2_config.modules_to_save is not None:
             return  # not a task model, or the user chose modules_to_save (even an empty list) deliberately
-        present = [n for n, _ in model.named_children() if n in heads and n not in self.lora2_layers]
+        # the head: every top-level part with weights beside the backbone (classifier, score, qa_outputs, BART's
+        # classification_head, XLNet's sequence_summary + logits_proj), unless an adapter sits in it
+        backbone = getattr(model, "base_model_prefix", None)
+        present = [n for n, m in model.named_children() if n != backbone and any(True for _ in m.parameters())
+                   and not any(a == n or a.startswith(n + ".") for a in self.lora2_layers)]
         if present:
+            listed = ", ".join(repr(n) for n in present)
             warnings.warn(
-                f"{type(model).__name__}'s head {present[0]!r} stays frozen: it is not in modules_to_save. A freshly "
-                f"initialised head is then random and untrained. Pass modules_to_save=[{present[0]!r}] (or "
+                f"{type(model).__name__}'s head {listed} stays frozen: it is not in modules_to_save. A freshly "
+                f"initialised head is then random and untrained. Pass modules_to_save=[{listed}] (or "
                 "modules_to_save=[] to keep it frozen on purpose, which silences this warning).",
                 UserWarning,
                 stacklevel=4,

@@ -44,6 +44,11 @@ def matches(name: str, targets: list[str] | str) -> bool:
     return any(suffix_match(name, t) for t in targets)
 
 
+def owner_of(root: nn.Module, name: str) -> nn.Module:
+    parent_name, _, _ = name.rpartition(".")
+    return root.get_submodule(parent_name) if parent_name else root
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -87,11 +92,15 @@ def find_modules_to_save(model: nn.Module, wanted: list[str] | None) -> list[str
 def find_targets(model: nn.Module, targets: list[str] | str, saved: list[str]) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every module to adapt: matched, outside ``saved``, and a Linear/Conv1D."""
     found: list[tuple[str, nn.Module]] = []
+    skipped: list[str] = []
     for name, module in model.named_modules():
         if not name or not matches(name, targets):
             continue
         if any(name == s or name.startswith(s + ".") for s in saved):
             continue  # trained in full already
+        if isinstance(module, nn.Linear) and isinstance(owner_of(model, name), nn.MultiheadAttention):
+            skipped.append(name)  # torch's attention reads out_proj.weight directly: an adapter there never runs
+            continue
         if not isinstance(module, SUPPORTED_TYPES):
             raise TypeError(
                 f"target_modules matched {name!r}, a {type(module).__name__}; LoRA² adapts only nn.Linear and "
@@ -111,8 +120,13 @@ def find_targets(model: nn.Module, targets: list[str] | str, saved: list[str]) -
             f"target_modules={targets!r} matched no module of {type(model).__name__}. "
             f"Its linear layers include {linear_names(model)}.{hint}"
         )
+    if skipped:
+        warnings.warn(f"target_modules matched {skipped[:3]}{' ...' if len(skipped) > 3 else ''}: the output "
+                      "projection of a torch.nn.MultiheadAttention, whose forward reads its weight directly, so an "
+                      "adapter there would never run. Left out.", UserWarning, stacklevel=4)
     if isinstance(targets, list):
-        unused = [t for t in targets if not any(suffix_match(n, t) for n, _ in found)]
+        unused = [t for t in targets if not any(suffix_match(n, t) for n, _ in found) and
+                  not any(suffix_match(n, t) for n in skipped)]
         if unused:
             warnings.warn(f"target_modules entries {unused} matched no module and were ignored.", stacklevel=4)
     return found

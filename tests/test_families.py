@@ -1,0 +1,83 @@
+"""Model families beyond BERT: layers whose owners read ``.weight`` (T5's ``wo``, torch's MultiheadAttention),
+task heads with other names (BART, XLNet), and a PEFT export PEFT could not load (DistilBERT)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    BartConfig,
+    BartForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+import lora2
+from lora2 import LoRA2Config, get_lora2_model
+
+
+def test_t5_feed_forward_output_is_adapted_and_runs():
+    """T5 casts to ``self.wo.weight.dtype``: the layer shows its base layer's weight and bias."""
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                             decoder_start_token_id=0, pad_token_id=0)).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    expected = t5(input_ids=ids, labels=ids).loss
+    model = get_lora2_model(t5, LoRA2Config(target_modules=["q", "v", "wi", "wo"], modules_to_save=[]))
+    wo = model.lora2_layers["encoder.block.0.layer.1.DenseReluDense.wo"]
+    assert wo.weight is wo.base_layer.weight and wo.bias is None
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, expected)  # Δ = 0 at init (λ = 0)
+
+
+def test_multihead_attention_out_proj_is_left_out_with_a_warning():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out_proj = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out_proj(self.attn(x, x, x)[0])
+
+    with pytest.warns(UserWarning, match=r"matched \['attn.out_proj'\].*MultiheadAttention.*Left out"):
+        model = get_lora2_model(Block(), LoRA2Config(target_modules=["out_proj"], modules_to_save=[]))
+    assert list(model.lora2_layers) == ["out_proj"]
+
+
+def test_heads_with_other_names_warn_when_left_frozen():
+    def bart() -> BartForSequenceClassification:
+        return BartForSequenceClassification(BartConfig(
+            vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32))
+
+    with pytest.warns(UserWarning, match=r"head 'classification_head' stays frozen"):
+        get_lora2_model(bart(), LoRA2Config(target_modules=["q_proj", "v_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_lora2_model(bart(), LoRA2Config(target_modules=["q_proj", "v_proj"], modules_to_save=["classification_head"]))
+
+
+def test_export_refuses_a_modules_to_save_name_peft_would_also_apply_to_an_adapted_layer(tmp_path):
+    db = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2,
+                                                              hidden_dim=32))
+    model = get_lora2_model(db, LoRA2Config(target_modules=["q_lin", "pre_classifier"], modules_to_save=["classifier"]))
+    with pytest.raises(ValueError, match=r"'classifier' would also catch the adapted 'pre_classifier'"):
+        lora2.export_to_peft(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
+def test_readme_lists_the_model_types_with_a_default_target_set():
+    import re
+    from pathlib import Path
+
+    from lora2.config import DEFAULT_TARGET_MODULES
+
+    row = next(line for line in (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8").splitlines()
+               if line.startswith("| `target_modules` |"))
+    listed = re.search(r'"ALL" set \(([^;]+);', row).group(1).split(", ")
+    assert listed == list(DEFAULT_TARGET_MODULES)
