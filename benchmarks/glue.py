@@ -306,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         if not ns.no_tables:
             print(f"tables: {_write_report(load_protocol(ns.protocol), ns, plots=True)}")
         return code
-    return {"run": cmd_run, "tables": cmd_tables, "plots": cmd_plots}[ns.command](ns)
+    try:
+        return {"run": cmd_run, "tables": cmd_tables, "plots": cmd_plots}[ns.command](ns)
+    except ValueError as err:  # a bad protocol or lr_source.json (a run's own errors are caught per run)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

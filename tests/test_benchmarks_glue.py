@@ -286,6 +286,9 @@ def test_lr_from_trains_only_the_chosen_lr_of_another_directorys_search(tmp_path
     (cpu / glue_plan.LR_SOURCE).write_text("[1]", encoding="utf-8")
     with pytest.raises(ValueError, match="fix or delete it"):
         glue_plan.make_plan(protocol, cpu)
+    capsys.readouterr()
+    assert bench.main(["--results-dir", str(cpu), "tables"]) == 2  # a message, not a traceback
+    assert "lr_source.json is not a JSON object" in capsys.readouterr().err
 
 
 def test_a_failed_or_invalid_run_does_not_end_the_sweep(tmp_path, monkeypatch, capsys):
