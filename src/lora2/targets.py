@@ -50,9 +50,7 @@ def owner_of(root: nn.Module, name: str) -> nn.Module:
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
+    setattr(owner_of(root, name), name.rpartition(".")[2], module)
 
 
 def linear_names(model: nn.Module, limit: int = 8) -> str:

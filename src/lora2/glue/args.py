@@ -49,8 +49,10 @@ def lora2_option_fields() -> list[dataclasses.Field]:
 
 def task_key(text: str) -> str:
     """A task as the CLI may spell it (STS-B, SST-2, RTE) to its key; an unknown name is left for argparse to name."""
-    key = text.lower().replace("-", "")
-    return key if key in TASKS else text
+    try:
+        return get_task(text).name
+    except ValueError:
+        return text
 
 
 @dataclass
