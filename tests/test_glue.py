@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from lora2.cli import main
 from lora2.glue import GlueDataError, get_task, load_split, read_tsv
@@ -258,6 +258,13 @@ def test_cli_runs_every_method(method, tmp_path, tiny_model_dir, glue_dir):
     }
     if method in expected:
         assert results["trainable_params"] == expected[method]
+    layers = 2 * (sum(i * o + o for i, o in shapes) + 2 * 2 * 32)  # the six matrices with biases, two LayerNorms
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    embeddings = (vocab + 128 + 2) * 32 + 2 * 32  # words, positions, token types, LayerNorm
+    adapter = {m: n - head for m, n in expected.items()}  # trainable beside the head: what the method adds or trains
+    adapter.update(bitfit=2 * (sum(o for _, o in shapes) + 2 * 32) + 32 + 32,  # biases: layers, pooler, embedding LN
+                   full=embeddings + layers + 32 * 32 + 32)  # and the pooler
+    assert results["adapter_params"] == adapter[method]
     if method == "adalora":  # update_and_allocate really ran: ranks left their initial value
         ranks = results["active_ranks"]
         assert sum(ranks.values()) == 2 * 12 and len(set(ranks.values())) > 1

@@ -30,6 +30,7 @@ class Method:
 
     name = "method"
     initial_rank: int | None = None  # rank per matrix before any pruning (heatmap scale)
+    heads: tuple[str, ...] = ()  # the task head's top-level module names (set by build_method)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -39,6 +40,17 @@ class Method:
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable())
+
+    def adapter_parameters(self) -> int:
+        """Trainable parameters outside the task head: what the method itself adds or trains (0 for the floor).
+        A parameter belongs to the head when a component of its name is a head module's (PEFT's
+        ``classifier.modules_to_save.default.weight`` included)."""
+        heads = set(self.heads)
+        seen: dict[int, int] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and not heads.intersection(name.split(".")):
+                seen[id(p)] = p.numel()
+        return sum(seen.values())
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         return [{"params": self.trainable(), "lr": lr, "weight_decay": weight_decay}]
@@ -114,6 +126,9 @@ class LoRA2Method(Method):
         super().__init__(get_lora2_model(base, config))
         self.initial_rank = config.r
         self.model.regularizer_in_loss = orth_clip == "shared"
+
+    def adapter_parameters(self) -> int:
+        return self.model.num_adapter_parameters()  # u, U, λ, V, v (method.md §1); masks are buffers
 
     def unclipped_loss(self) -> torch.Tensor | None:
         return None if self.model.regularizer_in_loss else self.model.regularization_loss()
@@ -266,10 +281,13 @@ def build_method(args: GlueArgs, base: nn.Module, total_steps: int) -> Method:
     settings = args.lora2_settings(total_steps)
     if args.method == "lora2":
         config = LoRA2Config(**settings, target_modules=targets, modules_to_save=heads, total_step=total_steps)
-        return LoRA2Method(base, config, args.orth_clip)
-    if args.method in ("lora", "adalora"):
-        return _build_peft(args, base, settings, targets, heads, total_steps)
-    return build_baseline(args, base, settings, targets, heads)
+        method: Method = LoRA2Method(base, config, args.orth_clip)
+    elif args.method in ("lora", "adalora"):
+        method = _build_peft(args, base, settings, targets, heads, total_steps)
+    else:
+        method = build_baseline(args, base, settings, targets, heads)
+    method.heads = tuple(heads)
+    return method
 
 
 def _build_peft(args: GlueArgs, base: nn.Module, settings: dict[str, Any], targets: list[str], heads: list[str],

@@ -286,7 +286,7 @@ def finish(args: GlueArgs, task: GlueTask, method: Any, state: LoopState, out_di
                             "lora2": settings if args.method == "lora2" else
                             {k: v for k, v in settings.items() if k in LORA2_OPTIONS_READ_BY[args.method]}},
         "trainable_params": method.trainable_parameters(),
-        "adapter_params": getattr(method.model, "num_adapter_parameters", lambda: None)(),
+        "adapter_params": method.adapter_parameters(),  # trainable, head excluded
         "train_examples": train_examples,
         "data_source": data_source(args.data_dir),
         "final": {k: v for k, v in final.items() if k != "step"},
