@@ -13,6 +13,8 @@ from transformers import (
     BartForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -47,6 +49,23 @@ def test_multihead_attention_out_proj_is_left_out_with_a_warning():
     with pytest.warns(UserWarning, match=r"matched \['attn.out_proj'\].*MultiheadAttention.*Left out"):
         model = get_lora2_model(Block(), LoRA2Config(target_modules=["out_proj"], modules_to_save=[]))
     assert list(model.lora2_layers) == ["out_proj"]
+
+
+def test_fused_expert_weights_under_a_target_name_are_named_in_a_warning():
+    """Qwen2-MoE keeps its routed experts as 3-D parameters ``experts.gate_up_proj`` / ``experts.down_proj``:
+    ``down_proj`` adapts the shared expert's Linear only, and the user is told which weights stay frozen."""
+    torch.manual_seed(0)
+    moe = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, shared_expert_intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2))
+    with pytest.warns(UserWarning, match=r"names 1 parameter\(s\).*'model.layers.0.mlp.experts.down_proj' "
+                                         r"\(a \(4, 16, 8\) tensor of Qwen2MoeExperts\).*stay frozen"):
+        model = get_lora2_model(moe, LoRA2Config(target_modules=["q_proj", "down_proj"], modules_to_save=[]))
+    assert sorted(model.lora2_layers) == ["model.layers.0.mlp.shared_expert.down_proj",
+                                          "model.layers.0.self_attn.q_proj"]
+    with warnings.catch_warnings():  # a target that names Linear layers only: no warning
+        warnings.simplefilter("error")
+        get_lora2_model(Qwen2MoeForCausalLM(moe.config), LoRA2Config(target_modules=["q_proj"], modules_to_save=[]))
 
 
 def test_heads_with_other_names_warn_when_left_frozen():

@@ -118,6 +118,14 @@ def find_targets(model: nn.Module, targets: list[str] | str, saved: list[str]) -
             f"target_modules={targets!r} matched no module of {type(model).__name__}. "
             f"Its linear layers include {linear_names(model)}.{hint}"
         )
+    fused = [(n, p) for n, p in model.named_parameters() if matches(n, targets)]
+    if fused:  # a weight held as a bare parameter under a target's name, e.g. a mixture of experts' fused experts
+        name, param = fused[0]
+        warnings.warn(f"target_modules={targets!r} also names {len(fused)} parameter(s) that are not inside a Linear "
+                      f"layer, e.g. {name!r} (a {tuple(param.shape)} tensor of "
+                      f"{type(owner_of(model, name)).__name__}): fused weights such as a mixture of experts' routed "
+                      "experts, which LoRA² cannot adapt. They stay frozen; only the Linear layers matched get "
+                      "adapters.", UserWarning, stacklevel=4)
     if skipped:
         warnings.warn(f"target_modules matched {skipped[:3]}{' ...' if len(skipped) > 3 else ''}: the output "
                       "projection of a torch.nn.MultiheadAttention, whose forward reads its weight directly, so an "
