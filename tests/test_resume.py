@@ -72,3 +72,21 @@ def test_resume_with_other_options_is_refused(tmp_path, tiny_model_dir, glue_dir
     # same step count, other learning rate or LoRA² option: continuing would train with the old ones
     assert main([*ns_args, "--learning-rate", "0.002", "--pq-form", "rank", "--resume-from-checkpoint", "last"]) == 2
     assert "written with other options (learning_rate, pq_form)" in capsys.readouterr().err
+
+
+def test_an_adalora_checkpoint_from_before_its_regulariser_fix_is_refused(tmp_path, tiny_model_dir, glue_dir,  # noqa: F811
+                                                                         capsys):
+    """AdaLoRA once trained without γ·R: a checkpoint of such a run must not continue under the fixed objective."""
+    from lora2.cli import build_parser
+    from lora2.glue.checkpoint import METHOD_STATE_NAME
+
+    out = tmp_path / "run"
+    ns_args = cli_args(out, tiny_model_dir, glue_dir, "adalora")
+    ns = build_parser().parse_args(ns_args)
+    run_glue(GlueArgs.from_flat({k: v for k, v in vars(ns).items() if k not in ("command", "func")}), stop_at_step=5)
+    path = latest_checkpoint(out) / METHOD_STATE_NAME
+    state = torch.load(path, weights_only=True)
+    assert state.pop("adalora_orth_reg_in_loss") is True
+    torch.save(state, path)  # what the old code wrote
+    assert main([*ns_args, "--resume-from-checkpoint", "last"]) == 2
+    assert "trained without its orthogonality regulariser" in capsys.readouterr().err

@@ -246,9 +246,14 @@ class AdaLoRAMethod(PeftMethod):
     def state_dict(self) -> dict[str, Any]:
         stats = {name: dict(getattr(self._allocator(), name)) for name in self.STATS}
         return {**super().state_dict(), "adalora": stats,
-                "adalora_rank_pattern": self.model.peft_config["default"].rank_pattern}
+                "adalora_rank_pattern": self.model.peft_config["default"].rank_pattern,
+                "adalora_orth_reg_in_loss": True}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state.get("adalora_orth_reg_in_loss"):
+            raise ValueError("this AdaLoRA checkpoint was written by an older lora2 whose AdaLoRA trained without "
+                             "its orthogonality regulariser; continuing it would mix two objectives in one run. "
+                             "Start the run again (--overwrite-output-dir).")
         super().load_state_dict(state)
         for name, values in state["adalora"].items():
             getattr(self._allocator(), name).clear()
