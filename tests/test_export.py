@@ -411,9 +411,9 @@ def test_scaling_rule_reaches_layers_saved_adapters_and_the_export(rule, s, tmp_
     torch.testing.assert_close(fresh(**batch()).logits, model(**batch()).logits, rtol=0, atol=1e-5)
 
 
-def test_a_block_registered_twice_is_not_a_tie_but_a_bare_second_use_is():
+def test_a_block_registered_twice_is_not_a_tie_but_a_second_module_on_the_weight_is():
     """Weight-shared depth (one block at two positions) reaches the same LoRA² layer by two paths: merging is exact.
-    A linear layer used at two positions but adapted at one is a tie: merging would change the other use."""
+    Another module holding the adapted layer's weight is a tie: merging would change its output too."""
     from torch import nn
 
     class Block(nn.Module):
@@ -435,9 +435,10 @@ def test_a_block_registered_twice_is_not_a_tie_but_a_bare_second_use_is():
         model.merge()
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
 
-    linear = nn.Linear(6, 6)
-    bare = get_lora2_model(nn.Sequential(linear, nn.ReLU(), linear), LoRA2Config(k=2, r=4, target_modules=["0"],
-                                                                                 modules_to_save=[]))
+    linear, other = nn.Linear(6, 6), nn.Linear(6, 6)
+    other.weight = linear.weight  # e.g. an output projection tied to an input one
+    bare = get_lora2_model(nn.Sequential(linear, nn.ReLU(), other), LoRA2Config(k=2, r=4, target_modules=["0"],
+                                                                                modules_to_save=[]))
     with pytest.raises(RuntimeError, match=r"0\.weight is tied to 2\.weight"):
         bare.merge()
 

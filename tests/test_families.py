@@ -100,3 +100,32 @@ def test_readme_lists_the_model_types_with_a_default_target_set():
                if line.startswith("| `target_modules` |"))
     listed = re.search(r'"ALL" set \(([^;]+);', row).group(1).split(", ")
     assert listed == list(DEFAULT_TARGET_MODULES)
+
+
+def test_a_layer_registered_under_two_parents_is_adapted_at_both(tmp_path):
+    """One ``nn.Linear`` object at two paths (a weight-shared projection) gets one LoRA² layer at both paths: the
+    paths stay equal, merging into the shared weight reproduces the adapted model, and unloading restores both."""
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            proj = nn.Linear(8, 8)
+            self.a, self.b = nn.Sequential(proj, nn.Tanh()), nn.Sequential(proj, nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + self.b(x)
+
+    torch.manual_seed(0)
+    base = Shared()
+    proj = base.a[0]
+    model = get_lora2_model(base, LoRA2Config(target_modules=["a.0"], modules_to_save=[], k=2, r=2, init="orthogonal"))
+    assert list(model.lora2_layers) == ["a.0"] and base.b[0] is base.a[0] is model.lora2_layers["a.0"]
+    with torch.no_grad():
+        model.lora2_layers["a.0"].lam.fill_(0.5)
+    x = torch.randn(3, 8)
+    adapted = model(x)
+    assert not torch.allclose(adapted, base.a[1](proj(x)) + base.b[1](proj(x)))  # Δ ≠ 0, and it runs at both paths
+    with pytest.raises(ValueError, match=r"a.0 is one layer registered at 2 paths \(a.0, b.0\).*merge_and_unload"):
+        lora2.export_to_peft(model, tmp_path / "peft")
+    plain = model.merge_and_unload()
+    assert plain.a[0] is plain.b[0] is proj
+    torch.testing.assert_close(plain(x), adapted)

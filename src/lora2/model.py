@@ -34,7 +34,7 @@ from .targets import (
     default_targets,
     find_modules_to_save,
     find_targets,
-    set_submodule,
+    swap_module,
     task_type,
     tied_parameters,
 )
@@ -121,7 +121,7 @@ class LoRA2Model(nn.Module):
         cfg = self.lora2_config
         for name, module in found:
             layer = LoRA2Layer(module, cfg.k, cfg.r, cfg.alpha, cfg.dropout, cfg.init_std, cfg.init, cfg.scaling)
-            set_submodule(self.base_model, name, layer)
+            swap_module(self.base_model, module, layer)
             self.lora2_layers[name] = layer
 
     def _warn_if_head_frozen(self, model: nn.Module) -> None:
@@ -404,7 +404,7 @@ class LoRA2Model(nn.Module):
             weight = layer.base_layer.weight
             if not bool(torch.isfinite(weight).all()):
                 raise FloatingPointError(f"Merging {name} produced NaN/inf weights; the adapter is broken.")
-            set_submodule(self.base_model, name, layer.base_layer)
+            swap_module(self.base_model, layer, layer.base_layer)
         self._unloaded = True
         return self.base_model
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, LoRA2Config
 from .factors import FACTOR_NAMES
-from .targets import set_submodule, tied_outside
+from .targets import swap_module, tied_outside
 
 if TYPE_CHECKING:
     from torch import nn
@@ -243,8 +243,8 @@ def load_adapter(cls: type[LoRA2Model], model: nn.Module, adapter_directory: str
     try:
         load_adapter_state(wrapped, read_tensors(directory / WEIGHTS_NAME), source=f"adapter in {directory}")
     except Exception:
-        for name, layer in wrapped.lora2_layers.items():  # give the caller its base model back unchanged
-            set_submodule(model, name, layer.base_layer)
+        for layer in wrapped.lora2_layers.values():  # give the caller its base model back unchanged
+            swap_module(model, layer, layer.base_layer)
         raise
     trained_on = meta.get("base_model_class")
     if trained_on and trained_on != type(model).__name__:

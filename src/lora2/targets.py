@@ -53,6 +53,18 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(owner_of(root, name), name.rpartition(".")[2], module)
 
 
+def paths_of(root: nn.Module, module: nn.Module) -> list[str]:
+    """Every name under which ``module`` is reachable (more than one when one object is registered twice)."""
+    return [n for n, m in root.named_modules(remove_duplicate=False) if m is module and n]
+
+
+def swap_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` sits: a layer one object registers under two parents runs at both paths, and a
+    merge into its shared weight keeps them equal."""
+    for name in paths_of(root, old):
+        set_submodule(root, name, new)
+
+
 def linear_names(model: nn.Module, limit: int = 8) -> str:
     """A short list of the model's adaptable layer names, for error messages."""
     names = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)]
