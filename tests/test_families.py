@@ -124,8 +124,17 @@ def test_a_layer_registered_under_two_parents_is_adapted_at_both(tmp_path):
     x = torch.randn(3, 8)
     adapted = model(x)
     assert not torch.allclose(adapted, base.a[1](proj(x)) + base.b[1](proj(x)))  # Δ ≠ 0, and it runs at both paths
-    with pytest.raises(ValueError, match=r"a.0 is one layer registered at 2 paths \(a.0, b.0\).*merge_and_unload"):
+    with pytest.raises(ValueError, match=r"a.0 in the LoRA2Model is one layer registered at 2 paths \(a.0, b.0\).*"
+                                         r"merge_and_unload"):
         lora2.export_to_peft(model, tmp_path / "peft")
+    model.save_pretrained(tmp_path / "adapter")  # the saved adapter says so too
+    with pytest.raises(ValueError, match=r"a.0 in the adapter in .* registered at 2 paths \(a.0, b.0\)"):
+        lora2.export_to_peft(tmp_path / "adapter", tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    torch.manual_seed(0)  # the same base weights
+    again = lora2.LoRA2Model.from_pretrained(Shared(), tmp_path / "adapter")
+    assert again.base_model.a[0] is again.base_model.b[0]
+    torch.testing.assert_close(again(x), adapted)
     plain = model.merge_and_unload()
     assert plain.a[0] is plain.b[0] is proj
     torch.testing.assert_close(plain(x), adapted)

@@ -254,6 +254,114 @@ def test_a_config_edited_after_wrapping_is_not_saved_or_exported(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_other_structural_edits_after_wrapping_are_refused_by_name(tmp_path):
+    """target_modules, modules_to_save, k, dropout, init: the layers keep what they were built with, so a saved
+    config with the new values would reload onto other modules or train differently."""
+    for field, value in [("target_modules", ["key"]), ("modules_to_save", ["classifier", "pooler"]), ("k", 1),
+                         ("dropout", 0.3)]:
+        model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_modules=["query"],
+                                                         modules_to_save=["classifier"]))
+        setattr(model.lora2_config, field, value)
+        with pytest.raises(ValueError, match=rf"changed after wrapping \({field}: .* → "):
+            model.save_pretrained(tmp_path / field)
+        assert not (tmp_path / field).exists()
+
+
+def test_a_failed_load_gives_the_base_model_back_trainable_as_it_was(tmp_path):
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_modules=["query"], modules_to_save=["classifier"]))
+    model.save_pretrained(tmp_path)
+    base = tiny_bert(num_labels=3)  # the classifier does not fit
+    before = {n: (p.requires_grad, p.clone()) for n, p in base.named_parameters()}
+    with pytest.raises(ValueError, match=r"classifier.weight"):
+        LoRA2Model.from_pretrained(base, tmp_path)
+    after = dict(base.named_parameters())
+    assert set(after) == set(before) and not any(isinstance(m, LoRA2Layer) for m in base.modules())
+    assert all(after[n].requires_grad == flag and torch.equal(after[n], value) for n, (flag, value) in before.items())
+    frozen = tiny_bert()
+    frozen.bert.embeddings.requires_grad_(False)  # a user's own choice survives a failed wrap too
+    with pytest.raises(ValueError, match="exceeds the initial budget"):
+        get_lora2_model(frozen, LoRA2Config(k=2, r=4, target_modules=["query"], target_total_rank=99))
+    assert [n for n, p in frozen.named_parameters() if not p.requires_grad] == \
+        [n for n, _ in frozen.bert.embeddings.named_parameters(prefix="bert.embeddings")]
+
+
+def test_nan_adapter_weights_are_refused_on_load(saved):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(saved / WEIGHTS_NAME)
+    meta = json.loads((saved / "lora2_config.json").read_text())
+    key = next(k for k in tensors if k.endswith("q_outer"))
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, saved / WEIGHTS_NAME, metadata={"format": "pt", "save_id": meta["save_id"]})
+    with pytest.raises(ValueError, match=rf"{key} in the adapter .* NaN or inf"):
+        LoRA2Model.from_pretrained(tiny_bert(), saved)
+
+
+def test_integer_buffers_of_modules_to_save_round_trip(tmp_path):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            return self.bn(self.proj(x))
+
+    torch.manual_seed(0)
+    model = get_lora2_model(Net(), LoRA2Config(k=2, r=2, target_modules=["proj"], modules_to_save=["bn"]))
+    randomize_adapters(model)
+    model.train()
+    model(torch.randn(8, 6))  # running statistics and num_batches_tracked move
+    model.eval()
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)  # the same base weights
+    loaded = LoRA2Model.from_pretrained(Net(), tmp_path)
+    assert int(loaded.base_model.bn.num_batches_tracked) == 1
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_weights_and_config_of_two_saves_are_never_paired(tmp_path):
+    """A save into an existing adapter directory killed between its two renames leaves new weights beside the old
+    config; loading or exporting that pair is refused instead of running the factors at the old settings."""
+    first = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, alpha=32, target_modules=["query"]))
+    first.save_pretrained(tmp_path / "a")
+    second = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, alpha=4, target_modules=["query"]))
+    second.save_pretrained(tmp_path / "b")
+    os.replace(tmp_path / "b" / WEIGHTS_NAME, tmp_path / "a" / WEIGHTS_NAME)  # the state such a kill leaves
+    with pytest.raises(ValueError, match=r"come from different saves .* interrupted"):
+        LoRA2Model.from_pretrained(tiny_bert(), tmp_path / "a")
+    with pytest.raises(ValueError, match="come from different saves"):
+        export_to_peft(tmp_path / "a", tmp_path / "peft")
+    # a kill between the two renames of save_pretrained: the new weights' config waits under its pending name
+    new_config = tmp_path / "b" / "lora2_config.json"
+    os.replace(new_config, tmp_path / "a" / f".lora2_config.json.{json.loads(new_config.read_text())['save_id']}.tmp")
+    loaded = LoRA2Model.from_pretrained(tiny_bert(), tmp_path / "a")
+    assert loaded.lora2_config.alpha == 4 and loaded.lora2_layers["bert.encoder.layer.0.attention.self.query"].scaling == 1
+    export_to_peft(tmp_path / "a", tmp_path / "peft")
+
+
+def test_config_from_an_old_adapter_file_reads_as_from_pretrained_does(saved):
+    path = saved / "lora2_config.json"
+    meta = json.loads(path.read_text())
+    for field in ("init", "lam_lr_ratio"):  # what an adapter of 0.1.0 lacked
+        del meta["config"][field]
+    path.write_text(json.dumps(meta))
+    config = LoRA2Config.from_json_file(path)
+    assert (config.init, config.lam_lr_ratio) == ("gaussian", 1.0)
+    loaded = LoRA2Model.from_pretrained(tiny_bert(), saved)
+    assert (loaded.lora2_config.init, loaded.lora2_config.lam_lr_ratio) == ("gaussian", 1.0)
+
+
+def test_a_merged_models_state_dict_warns_that_it_holds_the_update_twice():
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_modules=["query"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.state_dict()
+    model.merge()
+    with pytest.warns(UserWarning, match=r"merged LoRA2Model.*applies Δ twice"):
+        model.state_dict()
+
+
 def test_a_regulariser_logged_under_no_grad_is_not_taken_for_one_in_the_loss():
     model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_modules=["query"], modules_to_save=["classifier"],
                                                      total_step=10, init_warmup=2, final_warmup=2))

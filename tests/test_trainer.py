@@ -151,6 +151,98 @@ def test_regulariser_weight_does_not_grow_with_gradient_accumulation(tmp_path):
     assert losses[1] == pytest.approx(losses[4], rel=1e-4)  # same global batch, same loss, γR counted once
 
 
+class UnevenCausalToy(CausalToy):
+    """Labels of 16 and of 2 tokens: a token-weighted step differs from a mean of micro-batch means."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        labels = self.ids[i].clone()
+        labels[2 if i % 2 else 10:] = -100
+        return {"input_ids": self.ids[i], "labels": labels}
+
+
+def _no_dropout(model):
+    """The same numbers whatever the micro-batches."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _first_steps(trainer) -> list[float]:
+    """Loss and gradient norm of every logged step, flat."""
+    trainer.train()
+    return [v for h in trainer.state.log_history if "loss" in h for v in (h["loss"], h["grad_norm"])]
+
+
+@pytest.mark.parametrize(("make", "trainer_cls"), [(tiny_llama, LoRA2Trainer), (tiny_llama, Trainer),
+                                                   (tiny_gpt2, LoRA2Trainer)])
+def test_a_token_weighted_loss_under_accumulation_equals_one_batch_with_the_regulariser_once(tmp_path, make,
+                                                                                             trainer_cls):
+    """A causal LM's loss counts tokens over the whole step (the 🤗 Trainer passes num_items_in_batch); γ·R, added
+    per micro-batch, is weighted by each one's share of the step's tokens and so counts once per optimizer step.
+    (GPT-2's LM head has no loss_type: transformers gives it the causal loss and counts its items unshifted.)"""
+    steps = {}
+    for accumulation in (1, 4):
+        model = _no_dropout(_decoder_model(make))
+        assert model.accepts_loss_kwargs
+        cbs = [LoRA2Callback()] if trainer_cls is Trainer else None
+        trainer = trainer_cls(model=model, args=args(tmp_path / str(accumulation), per_device_train_batch_size=8 // accumulation,
+                                                     gradient_accumulation_steps=accumulation, learning_rate=0.0,
+                                                     logging_steps=1, max_steps=13, save_strategy="no"),
+                              train_dataset=UnevenCausalToy(), callbacks=cbs)
+        steps[accumulation] = _first_steps(trainer)
+        assert model.last_orth_reg is not None and float(model.last_orth_reg) > 1  # γ·R = 0.5 · R is in play
+    assert steps[1] == pytest.approx(steps[4], rel=1e-4)
+    assert not lora2_model().accepts_loss_kwargs  # BERT's head ignores num_items_in_batch: the Trainer averages
+
+
+def test_compute_loss_func_under_accumulation_counts_the_regulariser_once(tmp_path):
+    """A ``compute_loss_func`` loss is taken as already scaled for accumulation; LoRA2Trainer's γ·R follows."""
+    def summed_ce(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+    steps = {}
+    for accumulation in (1, 4):
+        model = _no_dropout(lora2_model())
+        model.lora2_config.orth_reg_weight = 0.5
+        trainer = LoRA2Trainer(model=model, args=args(tmp_path / str(accumulation), per_device_train_batch_size=8 // accumulation,
+                                                      gradient_accumulation_steps=accumulation, learning_rate=0.0,
+                                                      logging_steps=1, max_steps=13, save_strategy="no"),
+                               train_dataset=ToyDataset(), compute_loss_func=summed_ce)
+        steps[accumulation] = _first_steps(trainer)
+    assert steps[1] == pytest.approx(steps[4], rel=1e-4)
+    assert steps[1][0] > 2  # γ·R (0.5 · 4: the P/Q term of k=2 < r=4) is in the loss, once
+
+
+def test_the_lr_of_optimizer_cls_and_kwargs_is_used_as_by_the_trainer(tmp_path):
+    model = lora2_model()
+    trainer = LoRA2Trainer(model=model, args=args(tmp_path, learning_rate=5e-5, max_steps=1),
+                           train_dataset=ToyDataset(), optimizer_cls_and_kwargs=(torch.optim.AdamW,
+                                                                               {"lr": 1e-3, "betas": (0.8, 0.95)}))
+    optimizer = trainer.create_optimizer()
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [1e-3]  # lam_lr_ratio = 1 here
+    assert {g["betas"] for g in optimizer.param_groups} == {(0.8, 0.95)}
+
+
+def test_a_model_compiled_by_the_user_resumes_with_a_plain_trainer(tmp_path):
+    """Its checkpoints name every tensor ``_orig_mod.…``: the allocator state is still recognised as this run's."""
+    def build():
+        torch.manual_seed(0)
+        model = lora2_model()
+        return model, torch.compile(model, backend="eager")
+
+    full, compiled = build()
+    Trainer(model=compiled, args=args(tmp_path / "full", remove_unused_columns=False), train_dataset=ToyDataset(),
+            callbacks=[LoRA2Callback()]).train()
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    resumed, compiled = build()
+    Trainer(model=compiled, args=args(tmp_path / "resumed", remove_unused_columns=False), train_dataset=ToyDataset(),
+            callbacks=[LoRA2Callback()]).train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-12"))
+    assert torch.equal(resumed.allocator.masks(), full.allocator.masks())
+    for name, layer in full.lora2_layers.items():
+        torch.testing.assert_close(resumed.lora2_layers[name].lam, layer.lam)
+
+
 def test_lora2_trainer_checkpoints_tied_models_adapter_only_and_resumes_from_anywhere(tmp_path):
     torch.manual_seed(0)
     full = _decoder_model(tiny_gpt2)
@@ -445,3 +537,11 @@ def test_lora2_trainer_names_a_plain_trainer_checkpoint(tmp_path):
     trainer = LoRA2Trainer(model=lora2_model(), args=args(tmp_path / "l2"), train_dataset=ToyDataset())
     with pytest.raises(FileNotFoundError, match=r"written by a plain transformers.Trainer"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-12"))
+
+
+def test_a_plain_trainer_without_the_callback_is_told_when_it_saves(tmp_path):
+    model = lora2_model()
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=3, save_strategy="no"), train_dataset=ToyDataset())
+    trainer.train()  # 6 forwards: under the 200-forward warning
+    with pytest.warns(RuntimeWarning, match=r"trained for 6 forward passes without update_and_allocate.*LoRA2Callback"):
+        trainer.save_model(str(tmp_path / "saved"))

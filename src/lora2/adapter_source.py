@@ -7,7 +7,7 @@ metadata says about the base model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,8 @@ import torch
 
 from .config import CONFIG_NAME, LoRA2Config
 from .factors import FACTOR_NAMES, LoRA2Factors
-from .persistence import WEIGHTS_NAME, read_adapter_meta, read_tensors
-from .targets import tied_outside
+from .persistence import WEIGHTS_NAME, read_adapter_meta, read_adapter_tensors
+from .targets import paths_of, tied_outside
 
 
 @dataclass
@@ -28,6 +28,7 @@ class LoRA2Source:
     base_model_name_or_path: str | None
     base_model_class: str | None
     where: str
+    shared_paths: dict[str, list[str]] = field(default_factory=dict)  # layers registered under several parents
 
     @property
     def fan_in_fan_out(self) -> dict[str, bool]:
@@ -37,6 +38,15 @@ class LoRA2Source:
         """Every matrix's tensors have the config's k/r shapes and are finite (raises ``ValueError``)."""
         for name, f in self.factors.items():
             f.check(self.config.k, self.config.r, name, self.where)
+
+    def refuse_shared_paths(self) -> None:
+        """PEFT adapts a module at the first path it finds only; LoRA² adapts a layer registered under two parents
+        at each, so a PEFT adapter of it would not reproduce the model."""
+        for name, paths in self.shared_paths.items():
+            raise ValueError(
+                f"{name} in {self.where} is one layer registered at {len(paths)} paths ({', '.join(paths[:3])}): PEFT "
+                "would adapt it at one path only, so the exported adapter would not reproduce this model. Serve the "
+                "merged model (merge_and_unload()) instead.")
 
 
 def check_untied_modules_to_save(pairs: list[tuple[str, str]] | list[list[str]]) -> None:
@@ -70,6 +80,8 @@ def source_from_model(model: Any) -> LoRA2Source:
         base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
         base_model_class=type(model.base_model).__name__,
         where="the LoRA2Model",
+        shared_paths={name: paths for name, layer in model.lora2_layers.items()
+                      if len(paths := paths_of(model.base_model, layer)) > 1},
     )
 
 
@@ -90,7 +102,7 @@ def read_lora2_adapter(directory: str | Path) -> LoRA2Source:
         )
     to_save = meta.get("modules_to_save") or []
     check_untied_modules_to_save(meta.get("modules_to_save_tied_outside") or [])
-    tensors = read_tensors(directory / WEIGHTS_NAME)
+    tensors = read_adapter_tensors(directory, meta)
     factors: dict[str, LoRA2Factors] = {}
     for name in names:
         missing = [p for p in FACTOR_NAMES if f"{name}.{p}" not in tensors]
@@ -111,4 +123,5 @@ def read_lora2_adapter(directory: str | Path) -> LoRA2Source:
         base_model_name_or_path=meta.get("base_model_name_or_path"),
         base_model_class=meta.get("base_model_class"),
         where=f"the adapter in {directory}",
+        shared_paths=dict(meta.get("shared_paths") or {}),
     )

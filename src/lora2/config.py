@@ -22,6 +22,10 @@ SCALING_RULES = ("alpha/r", "alpha/k", "alpha/sqrt(r)")
 CONFIG_NAME = "lora2_config.json"
 
 # Suffixes of the "ALL" target set (method.md §7) for architectures users fine-tune most.
+# Settings an adapter written before the field was added trained with, where today's default differs (0.2.0
+# changed init and λ's learning rate): reloading it to train further keeps its behaviour, not today's defaults.
+FIELDS_BEFORE_THEY_EXISTED = {"init": "gaussian", "lam_lr_ratio": 1.0}
+
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
@@ -277,6 +281,14 @@ class LoRA2Config:
             raise ValueError(f"Unknown LoRA2Config field(s) {unknown}; valid fields are {sorted(known)}.")
         return cls(**data)
 
+    @classmethod
+    def from_adapter_dict(cls, data: Any) -> LoRA2Config:
+        """The ``config`` of a saved adapter: a field the adapter's lora2 did not have yet takes the value that
+        version trained with (``FIELDS_BEFORE_THEY_EXISTED``), not today's default."""
+        if isinstance(data, dict):
+            data = {**FIELDS_BEFORE_THEY_EXISTED, **data}
+        return cls.from_dict(data)
+
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
@@ -290,5 +302,5 @@ class LoRA2Config:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); the file may be truncated or corrupted.") from None
         if isinstance(data, dict) and data.get("library") == "lora2":  # an adapter file: config plus metadata
-            data = data.get("config")
+            return cls.from_adapter_dict(data.get("config"))
         return cls.from_dict(data)

@@ -27,7 +27,7 @@ from .adapter_source import LoRA2Source, read_lora2_adapter, source_from_model
 from .factors import LoRA2Factors
 from .peft_import import init_from_peft_lora
 from .persistence import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHTS_NAME, write_json, write_tensors
-from .targets import TASK_HEADS, paths_of, task_type
+from .targets import TASK_HEADS, task_type
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PeftExport", "export_to_peft", "init_from_peft_lora", "lora_factors",
            "read_lora2_adapter"]
@@ -104,18 +104,6 @@ class PeftExport:
     exact_rank: bool = False
 
 
-def _refuse_layers_at_two_paths(model: Any) -> None:
-    """PEFT adapts a module at the first path it finds only; LoRA² adapts a layer registered under two parents
-    at both, so an export of such a model would not reproduce it."""
-    for name, layer in model.lora2_layers.items():
-        paths = paths_of(model.base_model, layer)
-        if len(paths) > 1:
-            raise ValueError(
-                f"{name} is one layer registered at {len(paths)} paths ({', '.join(paths[:3])}): PEFT would adapt it "
-                "at one path only, so the exported adapter would not reproduce this model. Serve the merged model "
-                "(merge_and_unload()) instead.")
-
-
 def export_to_peft(
     adapter: Any,
     out_dir: str | Path,
@@ -137,11 +125,11 @@ def export_to_peft(
         source_dir = Path(adapter)
         src = read_lora2_adapter(source_dir)
     elif hasattr(adapter, "lora2_layers") and hasattr(adapter, "lora2_config"):
-        _refuse_layers_at_two_paths(adapter)
         src = source_from_model(adapter)
     else:
         raise TypeError(f"export_to_peft takes a LoRA2Model or an adapter directory, not {type(adapter).__name__}.")
     src.check()
+    src.refuse_shared_paths()
     if not str(out_dir).strip():
         raise ValueError("The output directory is empty (''); name the directory to write the PEFT adapter to.")
     out = Path(out_dir)

@@ -31,9 +31,11 @@ from .optim import param_groups
 from .regularizer import orth_regularization, orth_term_means
 from .targets import (
     TASK_HEADS,
+    causal_lm_loss,
     default_targets,
     find_modules_to_save,
     find_targets,
+    loss_uses_item_count,
     swap_module,
     task_type,
     tied_parameters,
@@ -64,9 +66,6 @@ class LoRA2Model(nn.Module):
     """A model with LoRA² adapters; attribute access falls through to the wrapped model."""
 
     forward = ForwardWithBaseSignature()
-    # The base loss is a per-micro-batch mean and γ·R is added per forward, so the 🤗 Trainer must average
-    # over gradient accumulation itself (and not rescale by num_items_in_batch / world size).
-    accepts_loss_kwargs = False
 
     def __init__(self, model: nn.Module, config: LoRA2Config) -> None:
         super().__init__()
@@ -90,16 +89,24 @@ class LoRA2Model(nn.Module):
         found = find_targets(model, config.target_modules, self.modules_to_save_names)
         config.budgets(len(found))  # a budget that cannot fit fails before the base model is changed
         _refuse_offloaded(found)
-        self._inject(found)
-        self._freeze()
-        self.allocator = RankAllocator(list(self.lora2_layers), list(self.lora2_layers.values()), config)
-        if self.allocator.prunes and config.total_step is not None:
-            config.check_schedule(config.total_step)
+        # what wrapping changes, so that a failed wrap or load can give the base model back as it was
+        self._base_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self._wrapped_config = copy.deepcopy(config)  # save_pretrained refuses later edits the layers do not follow
+        try:
+            self._inject(found)
+            self._freeze()
+            self.allocator = RankAllocator(list(self.lora2_layers), list(self.lora2_layers.values()), config)
+            if self.allocator.prunes and config.total_step is not None:
+                config.check_schedule(config.total_step)
+        except BaseException:
+            self.restore_base()
+            raise
         self.last_orth_reg: torch.Tensor | None = None
         # False: forward returns the task loss alone and the loop adds regularization_loss() itself
         self.regularizer_in_loss = True
         self._last_orth_terms: dict[str, torch.Tensor] = {}  # detached: read (and synced) only when logged
         self._idle_forwards = 0
+        self._warned_idle_state_dict = False
         self._unloaded = False
         self.mask_sync_checks = 0  # cross-rank mask comparisons done (data-parallel training)
         self._trained_since_update = False  # a training forward ran since the last update_and_allocate
@@ -109,6 +116,11 @@ class LoRA2Model(nn.Module):
         self.regularizer_calls = 0  # γ·R computations for a loss (LoRA2Trainer checks each step has one)
         self._lam_groups_built = False  # optimizer_param_groups() built (or check_lam_lr verified) λ's rate
         self._warn_if_head_frozen(model)
+        # Whether the 🤗 Trainer may pass num_items_in_batch and skip dividing by gradient accumulation: only when the
+        # base loss really uses it (a causal LM's token-weighted loss). Classification heads take **kwargs but
+        # ignore it (transformers#47688): the Trainer must average their per-micro-batch means itself.
+        self.accepts_loss_kwargs = loss_uses_item_count(model)
+        self._loss_shifts_labels = causal_lm_loss(model)
         # A 🤗 model loads in eval mode: the wrapper follows the base, each new layer its own base layer, and no
         # submodule's mode is touched (a part kept in eval on purpose stays so).
         self.training = model.training
@@ -123,6 +135,30 @@ class LoRA2Model(nn.Module):
             layer = LoRA2Layer(module, cfg.k, cfg.r, cfg.alpha, cfg.dropout, cfg.init_std, cfg.init, cfg.scaling)
             swap_module(self.base_model, module, layer)
             self.lora2_layers[name] = layer
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if self.allocator.prunes and self.allocator.num_updates == 0 and self._idle_forwards and \
+                not self._warned_idle_state_dict:  # e.g. a plain 🤗 Trainer without LoRA2Callback saving its model
+            self._warned_idle_state_dict = True
+            warnings.warn(f"state_dict() of a LoRA2Model trained for {self._idle_forwards} forward passes without "
+                          "update_and_allocate(): nothing was pruned, so this is a plain (unpruned) run. With the 🤗 "
+                          "Trainer pass callbacks=[lora2.LoRA2Callback()] or use lora2.LoRA2Trainer.",
+                          RuntimeWarning, stacklevel=2)
+        if any(layer.merged for layer in self.lora2_layers.values()):
+            warnings.warn("state_dict() of a merged LoRA2Model: its base weights hold W0 + s·Δ beside the factors, so "
+                          "loading it into an unmerged model applies Δ twice. For merged weights use "
+                          "merge_and_unload().state_dict(); to keep the adapter, unmerge() first or save_pretrained().",
+                          UserWarning, stacklevel=2)
+        return super().state_dict(*args, **kwargs)
+
+    def restore_base(self) -> None:
+        """Undo the wrapping: base layers back in place and every base parameter's ``requires_grad`` as it was
+        (after a failed wrap or adapter load; the adapter is discarded)."""
+        for layer in self.lora2_layers.values():
+            swap_module(self.base_model, layer, layer.base_layer)
+        for param, flag in self._base_requires_grad:
+            param.requires_grad_(flag)
+        self._unloaded = True
 
     def _warn_if_head_frozen(self, model: nn.Module) -> None:
         """A task head that is neither trained nor adapted stays as loaded: random for a fresh head."""
@@ -213,7 +249,16 @@ class LoRA2Model(nn.Module):
 
     def check_config_matches_layers(self) -> None:
         """Raise if ``lora2_config`` was edited after wrapping in a way the layers do not follow (α, r or the
-        scaling rule change s): the saved config would reload the adapter at another scale."""
+        scaling rule change s; which modules are adapted or saved, k, dropout, init): the saved config would reload
+        the adapter at another scale, onto other modules, or train it differently."""
+        fixed = ("target_modules", "modules_to_save", "k", "r", "dropout", "init", "init_std")
+        was, now = self._wrapped_config, self.lora2_config
+        changed = [f for f in fixed if getattr(was, f) != getattr(now, f)]
+        if changed:
+            edits = ", ".join(f"{f}: {getattr(was, f)!r} → {getattr(now, f)!r}" for f in changed)
+            raise ValueError(
+                f"lora2_config changed after wrapping ({edits}); the layers were built with the old values, so the "
+                "saved config would not describe them. Restore the values, or wrap a fresh base model with the new ones.")
         expected = self.lora2_config.scaling
         for name, layer in self.lora2_layers.items():
             if not math.isclose(layer.scaling, expected, rel_tol=1e-9):
@@ -243,13 +288,34 @@ class LoRA2Model(nn.Module):
         if not self.regularizer_in_loss or gamma == 0 or not self.lora2_config.orth_terms or not self.training \
                 or self._adapters_disabled():
             return outputs
+        share = self.item_share(kwargs)  # this micro-batch's part of a token-weighted step (None: a plain mean)
         if isinstance(outputs, Mapping) and outputs.get("loss") is not None:
             loss = outputs["loss"]
-            outputs["loss"] = loss + gamma * self._regularizer().to(device=loss.device, dtype=loss.dtype)
+            outputs["loss"] = loss + self._weighted_regularizer(gamma, share, loss)
         elif isinstance(outputs, tuple) and "labels" in kwargs and kwargs["labels"] is not None:
             loss = outputs[0]
-            outputs = (loss + gamma * self._regularizer().to(device=loss.device, dtype=loss.dtype), *outputs[1:])
+            outputs = (loss + self._weighted_regularizer(gamma, share, loss), *outputs[1:])
         return outputs
+
+    def _weighted_regularizer(self, gamma: float, share: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor:
+        reg = gamma * self._regularizer().to(device=loss.device, dtype=loss.dtype)
+        return reg if share is None else reg * share.to(device=loss.device, dtype=loss.dtype)
+
+    def item_share(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """n / num_items_in_batch when the 🤗 Trainer passes the step's item count (a token-weighted loss under
+        gradient accumulation, which the Trainer does not divide by the number of micro-batches): γ·R weighted
+        by each micro-batch's share of the step's items sums to γ·R once per optimizer step. Items are counted
+        as the Trainer counts them (``shift_labels``, else causal ``labels[..., 1:]``, else ``labels``)."""
+        total = inputs.get("num_items_in_batch")
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs.get("labels")
+            if isinstance(labels, torch.Tensor) and self._loss_shifts_labels:
+                labels = labels[..., 1:]
+        if total is None or not isinstance(labels, torch.Tensor):
+            return None
+        total = torch.as_tensor(total, device=labels.device)
+        return labels.ne(-100).sum() / total.clamp(min=1)
 
     def _adapters_trainable(self) -> bool:
         return any(getattr(la, n).requires_grad for la in self.lora2_layers.values() for n in ADAPTER_PARAMETERS)

@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, LoRA2Config
 from .factors import FACTOR_NAMES
-from .targets import swap_module, tied_outside
+from .targets import paths_of, tied_outside
 
 if TYPE_CHECKING:
     from torch import nn
@@ -149,25 +150,47 @@ def save_adapter(model: LoRA2Model, save_directory: str | Path) -> None:
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_pretrained needs a directory, but {directory} is a file.")
-    write_tensors(directory / WEIGHTS_NAME, adapter_state_dict(model), metadata={"format": "pt", "library": "lora2"})
-    write_json(directory / CONFIG_NAME, {
+    # Two files cannot be renamed at once: the config goes to a pending name first (named by an id the weights
+    # carry too), then the weights, then the config into place. A kill between the renames leaves new weights
+    # whose config read_adapter_meta finds in the pending file: the directory holds the old save or the new one.
+    save_id = uuid.uuid4().hex
+    pending = _pending_config(directory, save_id)
+    write_json(pending, {
         "library": "lora2",
         "version": __version__,
+        "save_id": save_id,
         "config": model.lora2_config.to_dict(),
         "base_model_name_or_path": getattr(model.config, "_name_or_path", None) or None,
         "base_model_class": type(model.base_model).__name__,
         "adapted_modules": list(model.lora2_layers),
         "fan_in_fan_out": {name: layer.fan_in_fan_out for name, layer in model.lora2_layers.items()},
+        # a layer one object registers under several parents runs at each path (a PEFT export cannot say that)
+        "shared_paths": {name: paths for name, layer in model.lora2_layers.items()
+                         if len(paths := paths_of(model.base_model, layer)) > 1},
         "modules_to_save": model.modules_to_save_names,
         "modules_to_save_tied_outside": tied_outside(model.base_model, list(model.modules_to_save_names)),
         "rank_pattern": model.rank_pattern(),
         "allocator_step": model.allocator.step,
     })
+    try:
+        write_tensors(directory / WEIGHTS_NAME, adapter_state_dict(model),
+                      metadata={"format": "pt", "library": "lora2", "save_id": save_id})
+        os.replace(pending, directory / CONFIG_NAME)
+    finally:
+        pending.unlink(missing_ok=True)
 
 
-# Settings an adapter written before the field was added trained with, where today's default differs (0.2.0
-# changed init and λ's learning rate): reloading it to train further keeps its behaviour, not today's defaults.
-FIELDS_BEFORE_THEY_EXISTED = {"init": "gaussian", "lam_lr_ratio": 1.0}
+def _pending_config(directory: Path, save_id: str) -> Path:
+    return directory / f".{CONFIG_NAME}.{save_id}.tmp"  # hidden, like every temporary of atomic_write
+
+
+def _weights_save_id(path: Path) -> str | None:
+    """The save id in a weights file's header (None: older adapter, or not readable here — read_tensors says why)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("save_id")
+    except Exception:
+        return None
 
 
 def read_adapter_meta(directory: Path) -> tuple[dict[str, Any], LoRA2Config]:
@@ -183,12 +206,31 @@ def read_adapter_meta(directory: Path) -> tuple[dict[str, Any], LoRA2Config]:
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}, so it is not a LoRA² adapter directory "
                                 f"(written by LoRA2Model.save_pretrained).{hint}")
     meta = read_json(directory / CONFIG_NAME)
+    expected = meta.get("save_id") if isinstance(meta, dict) else None  # adapters saved before the check have none
+    if expected is not None and (directory / WEIGHTS_NAME).is_file():
+        found = _weights_save_id(directory / WEIGHTS_NAME)
+        if found is not None and found != expected:
+            pending = _pending_config(directory, found)
+            if not pending.is_file():
+                raise ValueError(
+                    f"{directory / WEIGHTS_NAME} and {directory / CONFIG_NAME} come from different saves (save_id "
+                    f"{found} vs {expected}) and the weights' own config is gone: a save into this directory was "
+                    "interrupted or the files were mixed by hand. Save the adapter again.")
+            meta = read_json(pending)  # a save killed between its two renames: its config was complete
     if not isinstance(meta, dict) or meta.get("library") != "lora2" or "config" not in meta:
         raise ValueError(f"{directory / CONFIG_NAME} is not a LoRA² adapter config (no 'library': 'lora2' / 'config').")
-    config = meta["config"]
-    if isinstance(config, dict):  # an adapter from before a field existed trained with that field's value then
-        config = {**FIELDS_BEFORE_THEY_EXISTED, **config}
-    return meta, LoRA2Config.from_dict(config)
+    return meta, LoRA2Config.from_adapter_dict(meta["config"])
+
+
+def read_adapter_tensors(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The adapter's weights, checked to belong to ``meta`` (read_adapter_meta resolved an interrupted save)."""
+    path = directory / WEIGHTS_NAME
+    tensors = read_tensors(path)
+    expected, found = meta.get("save_id"), _weights_save_id(path)
+    if expected is not None and found is not None and found != expected:  # a file without an id: written by hand
+        raise ValueError(f"{path} changed while the adapter was read (save_id {found} vs {expected}): another "
+                         "process is saving into this directory. Load it again once that save is done.")
+    return tensors
 
 
 def load_adapter_state(model: LoRA2Model, tensors: Mapping[str, torch.Tensor], source: str = "adapter") -> None:
@@ -214,8 +256,12 @@ def load_adapter_state(model: LoRA2Model, tensors: Mapping[str, torch.Tensor], s
                 f"{tuple(target.shape)}. The adapter was trained on a base model of a different size "
                 "(hidden size, FFN size, number of labels) or with different k/r."
             )
-        if not value.is_floating_point():
-            raise ValueError(f"{key} in the {source} has dtype {value.dtype}; adapter tensors must be floating point.")
+        if value.is_floating_point() != target.is_floating_point():  # an integer buffer of a modules_to_save part
+            kind = "floating point" if target.is_floating_point() else f"an integer like {target.dtype}"
+            raise ValueError(f"{key} in the {source} has dtype {value.dtype}; this model holds {kind} there.")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{key} in the {source} holds NaN or inf values: the adapter was saved from a diverged "
+                             "run and would turn every output into NaN. Use an earlier checkpoint.")
     merged = [layer for layer in model.lora2_layers.values() if layer.merged]
     with torch.no_grad():
         for layer in merged:  # take the old Δ out of the base weights before the factors change
@@ -241,10 +287,9 @@ def load_adapter(cls: type[LoRA2Model], model: nn.Module, adapter_directory: str
             ) from err
         raise
     try:
-        load_adapter_state(wrapped, read_tensors(directory / WEIGHTS_NAME), source=f"adapter in {directory}")
+        load_adapter_state(wrapped, read_adapter_tensors(directory, meta), source=f"adapter in {directory}")
     except Exception:
-        for layer in wrapped.lora2_layers.values():  # give the caller its base model back unchanged
-            swap_module(model, layer, layer.base_layer)
+        wrapped.restore_base()  # give the caller its base model back unchanged
         raise
     trained_on = meta.get("base_model_class")
     if trained_on and trained_on != type(model).__name__:

@@ -34,6 +34,33 @@ def task_type(class_name: str | None) -> str | None:
     return next((t for ending, t in TASK_TYPES if class_name and class_name.endswith(ending)), None)
 
 
+def causal_lm_loss(model: nn.Module) -> bool:
+    """Whether the model's loss is transformers' causal-LM loss (labels shifted by one, token-weighted with
+    ``num_items_in_batch``), the rule the 🤗 Trainer uses to count a step's items."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:  # pragma: no cover - transformers without the loss registry
+        return False
+    loss_type = getattr(model, "loss_type", None)
+    return (isinstance(loss_type, str) and LOSS_MAPPING.get(loss_type) is ForCausalLMLoss
+            and not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def loss_uses_item_count(model: nn.Module) -> bool:
+    """Whether the model's loss divides by the Trainer's ``num_items_in_batch``: what the model says
+    (``accepts_loss_kwargs``), else a causal LM whose forward takes ``**kwargs`` (its loss is transformers'
+    token-weighted causal loss)."""
+    import inspect
+
+    said = getattr(type(model), "accepts_loss_kwargs", None)
+    if isinstance(said, bool):
+        return said
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    # GPT-2's LM head has no loss_type and gets transformers' default loss, the causal one
+    default_causal = getattr(model, "loss_type", "") is None and task_type(type(model).__name__) == "CAUSAL_LM"
+    return takes_kwargs and (causal_lm_loss(model) or default_causal)
+
+
 def suffix_match(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 

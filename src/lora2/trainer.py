@@ -245,10 +245,11 @@ class LoRA2Callback(TrainerCallback):
         path, legacy = checkpoint / FULL_WEIGHTS_NAME, checkpoint / "pytorch_model.bin"
         if path.is_file():
             with safe_open(str(path), framework="pt") as f:
-                names = set(f.keys())
-                saved = {n: f.get_tensor(n) for n in live if n in names}
+                names = {_unwrapped_name(n): n for n in f.keys()}  # a compiled model's keys start with _orig_mod.
+                saved = {n: f.get_tensor(names[n]) for n in live if n in names}
         elif legacy.is_file():  # transformers 4.x with save_safetensors=False
-            saved = torch.load(legacy, map_location="cpu", weights_only=True)
+            saved = {_unwrapped_name(n): t for n, t in
+                     torch.load(legacy, map_location="cpu", weights_only=True).items()}
         else:
             return None
         if not set(live) <= set(saved):
@@ -266,6 +267,14 @@ class LoRA2Callback(TrainerCallback):
                 "its schedule. Register LoRA2Callback once with the Trainer and do not call update_and_allocate "
                 "yourself when using it."
             )
+
+
+def _unwrapped_name(name: str) -> str:
+    """A state-dict key without the prefixes of the containers a user may have put around the LoRA2Model
+    (``torch.compile``'s ``_orig_mod.``, DataParallel's ``module.``)."""
+    while name.startswith(("_orig_mod.", "module.")):
+        name = name.split(".", 1)[1]
+    return name
 
 
 class LoRA2Trainer(Trainer):
@@ -300,23 +309,54 @@ class LoRA2Trainer(Trainer):
         decay_names = set(self.get_decay_parameter_names(opt_model))
         decay = {id(p) for n, p in opt_model.named_parameters() if n in decay_names}
         no_decay = [n for n, p in lora2_model.named_parameters() if id(p) not in decay]
-        groups = lora2_model.optimizer_param_groups(self.args.learning_rate, self.args.weight_decay, no_decay=no_decay)
+        kwargs = dict(kwargs)  # an lr in optimizer_cls_and_kwargs wins over args.learning_rate, as in the Trainer
+        lr = kwargs.pop("lr", self.args.learning_rate)
+        groups = lora2_model.optimizer_param_groups(lr, self.args.weight_decay, no_decay=no_decay)
         self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
         """The Trainer's loss, plus γ·R when the model did not add it (label smoothing or ``compute_loss_func``
-        take the labels away from the model and compute the loss outside it)."""
+        take the labels away from the model and compute the loss outside it). When the Trainer will not divide
+        that loss by the number of micro-batches (a token-weighted loss), γ·R is weighted by this micro-batch's
+        share of the step's items, so that it counts once per optimizer step."""
         lora2_model = find_lora2_model(model)
         before = lora2_model.regularizer_calls
-        result = super().compute_loss(model, inputs, *args, **kwargs)
+        share = lora2_model.item_share({**inputs, "num_items_in_batch": num_items_in_batch})  # before labels go
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
         if lora2_model.training and torch.is_grad_enabled() and lora2_model.regularizer_calls == before:
             reg = lora2_model.regularization_loss()
             if reg is not None:
                 loss = result[0] if isinstance(result, tuple) else result
-                loss = loss + reg.to(device=loss.device, dtype=loss.dtype)
+                reg = reg.to(device=loss.device, dtype=loss.dtype)
+                if share is not None and self._loss_scaled_for_accumulation(num_items_in_batch):
+                    reg = reg * share.to(device=loss.device, dtype=loss.dtype) * self._token_average_scale(
+                        num_items_in_batch)
+                loss = loss + reg
                 return (loss, *result[1:]) if isinstance(result, tuple) else loss
         return result
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
+        """transformers' rule (Trainer.training_step): a loss normalised by ``num_items_in_batch`` is not divided
+        by the number of micro-batches."""
+        told = getattr(self, "loss_is_scaled_for_ga", None)
+        if told is not None:
+            return bool(told)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
+
+    def _token_average_scale(self, num_items_in_batch: Any) -> float:
+        """The factor Trainer.compute_loss multiplies a token-averaged loss by across devices (the count is global,
+        data parallelism averages): a term added after it needs it too."""
+        if not (getattr(self.args, "average_tokens_across_devices", False) and num_items_in_batch is not None
+                and (self.model_accepts_loss_kwargs or self.compute_loss_func)):
+            return 1.0
+        if self.args.n_gpu > 1:
+            return float(self.args.n_gpu)
+        tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+        return float(self.accelerator.num_processes // tp)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         logs.update(log_values(find_lora2_model(self.model)))
