@@ -68,6 +68,25 @@ def test_diverging_masks_across_ranks_raise(monkeypatch):
         model.update_and_allocate(1)
 
 
+def test_ranks_training_separate_models_can_turn_the_mask_comparison_off(monkeypatch):
+    """A sweep over one process group (or rank 0 training alone) has no partner for the all-gather."""
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=1, r=4, target_rank=1, target_modules=["query", "value"],
+                                                     total_step=20, init_warmup=0, final_warmup=5, mask_interval=1))
+    randomize_adapters(model)
+    model.train()
+    model(input_ids=torch.randint(0, 120, (2, 6)), labels=torch.tensor([0, 1])).loss.backward()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+
+    def no_partner(out, tensor):
+        raise AssertionError("all_gather called although mask_sync is False")
+
+    monkeypatch.setattr(torch.distributed, "all_gather", no_partner)
+    model.mask_sync = False
+    model.update_and_allocate(1)
+    assert model.allocator.masks_recomputed and model.mask_sync_checks == 0
+
+
 @pytest.mark.parametrize(("skipped", "expected"), [((), [6, 9, 12, 15, 18, 20]), ((15, 18, 20), [6, 9, 12, 21])])
 def test_masks_are_compared_on_mask_steps_only(monkeypatch, skipped, expected):
     """One all-gather per step that rebuilt the masks: the Δt steps of the pruning phase, T − t_final, and

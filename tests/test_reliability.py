@@ -334,7 +334,7 @@ def test_weights_and_config_of_two_saves_are_never_paired(tmp_path):
         export_to_peft(tmp_path / "a", tmp_path / "peft")
     # a kill between the two renames of save_pretrained: the new weights' config waits under its pending name
     new_config = tmp_path / "b" / "lora2_config.json"
-    os.replace(new_config, tmp_path / "a" / f".lora2_config.json.{json.loads(new_config.read_text())['save_id']}.tmp")
+    os.replace(new_config, tmp_path / "a" / f".lora2_config.json.{json.loads(new_config.read_text())['save_id']}.0a1b2c3d.tmp")
     loaded = LoRA2Model.from_pretrained(tiny_bert(), tmp_path / "a")
     assert loaded.lora2_config.alpha == 4 and loaded.lora2_layers["bert.encoder.layer.0.attention.self.query"].scaling == 1
     export_to_peft(tmp_path / "a", tmp_path / "peft")
@@ -350,6 +350,42 @@ def test_config_from_an_old_adapter_file_reads_as_from_pretrained_does(saved):
     assert (config.init, config.lam_lr_ratio) == ("gaussian", 1.0)
     loaded = LoRA2Model.from_pretrained(tiny_bert(), saved)
     assert (loaded.lora2_config.init, loaded.lora2_config.lam_lr_ratio) == ("gaussian", 1.0)
+
+
+def test_an_allocator_that_missed_the_first_steps_refuses_to_start_mid_schedule():
+    """A run resumed from model.state_dict() (or accelerate's save_state) without the allocator's own state would
+    restart its importance averages at zero mid-schedule."""
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=1, r=4, target_rank=1, target_modules=["query"],
+                                                     total_step=20, init_warmup=2, final_warmup=5, mask_interval=1))
+    with pytest.raises(RuntimeError, match=r"step=7\) is this allocator's first call: steps 1-6 .*"
+                                           r"register_for_checkpointing\(model.allocator\)"):
+        model.update_and_allocate(7)
+    resumed = get_lora2_model(tiny_bert(), LoRA2Config(k=1, r=4, target_rank=1, target_modules=["query"],
+                                                       total_step=20, init_warmup=8, final_warmup=5, mask_interval=1))
+    resumed.allocator.load_state_dict({**resumed.allocator.state_dict(), "step": 6, "num_updates": 6})  # restored
+    resumed.train()
+    resumed(input_ids=torch.randint(0, 120, (2, 6)), labels=torch.tensor([0, 1])).loss.backward()
+    resumed.update_and_allocate(7)
+    assert resumed.allocator.num_updates == 7
+
+
+def test_save_pretrained_honours_is_main_process_and_refuses_pickles(tmp_path):
+    model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_modules=["query"]))
+    model.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not (tmp_path / "rank1").exists()
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    with pytest.warns(UserWarning, match=r"ignores \['state_dict'\]"):
+        model.save_pretrained(tmp_path / "a", state_dict={})
+    model.save_pretrained(tmp_path / "b")
+    ids = [json.loads((tmp_path / d / "lora2_config.json").read_text())["save_id"] for d in ("a", "b")]
+    assert ids[0] == ids[1]  # the content's hash: ranks saving one adapter together write interchangeable files
+    os.replace(tmp_path / "b" / WEIGHTS_NAME, tmp_path / "a" / WEIGHTS_NAME)
+    LoRA2Model.from_pretrained(tiny_bert(), tmp_path / "a")
+    with torch.no_grad():
+        next(iter(model.lora2_layers.values())).lam.fill_(0.5)
+    model.save_pretrained(tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "lora2_config.json").read_text())["save_id"] != ids[0]
 
 
 def test_a_merged_models_state_dict_warns_that_it_holds_the_update_twice():

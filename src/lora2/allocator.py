@@ -233,6 +233,14 @@ class RankAllocator:
                 "step with increasing step numbers (is it called both in your loop and by LoRA2Callback, or once per "
                 "micro-batch under gradient accumulation?)."
             )
+        if self.prunes and self.num_updates == 0 and step > 1:
+            raise RuntimeError(
+                f"update_and_allocate(step={step}) is this allocator's first call: steps 1-{step - 1} never reached it, "
+                "so its place in the schedule and its importance averages are missing (a run resumed from "
+                "model.state_dict() or accelerate's save_state without the allocator?). Save model.allocator.state_dict() "
+                "with your checkpoint and load_state_dict() it on resume (accelerate: "
+                "accelerator.register_for_checkpointing(model.allocator)); a new run counts its steps from 1."
+            )
         if self.prunes:  # once per step, not in every phase/budget lookup; also catches total_step set after wrapping
             self.config.check_schedule(self._total_step())
         if self.prunes and step > self._total_step():

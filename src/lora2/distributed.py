@@ -27,5 +27,6 @@ def check_masks_agree(masks: torch.Tensor, step: int) -> None:
         raise RuntimeError(
             f"LoRA² masks differ between rank {dist.get_rank()} and rank(s) {differing} at step {step}: the ranks "
             "saw different gradients. Wrap the model in DistributedDataParallel before training and call "
-            "update_and_allocate on every rank after optimizer.step() (not inside no_sync())."
+            "update_and_allocate on every rank after optimizer.step() (not inside no_sync()). Ranks that train "
+            "separate models on purpose set model.mask_sync = False."
         )

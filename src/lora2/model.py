@@ -109,6 +109,9 @@ class LoRA2Model(nn.Module):
         self._warned_idle_state_dict = False
         self._unloaded = False
         self.mask_sync_checks = 0  # cross-rank mask comparisons done (data-parallel training)
+        # compare masks across ranks at pruning steps: None = whenever a process group has several ranks; False for
+        # ranks that train separate models in one group (a sweep), where masks may differ and rank 0 may train alone
+        self.mask_sync: bool | None = None
         self._trained_since_update = False  # a training forward ran since the last update_and_allocate
         self._reg_since_update = False  # ... and γ·R was computed for it (in the loss or regularization_loss())
         self._warned_no_reg = False
@@ -348,7 +351,8 @@ class LoRA2Model(nn.Module):
         if self.allocator.num_updates == 0:
             self._warn_if_lam_lr_unused()
         budget = self.allocator.update_and_allocate(step)
-        if self.allocator.masks_recomputed and is_data_parallel():  # only a rebuilt mask can diverge
+        sync = is_data_parallel() if self.mask_sync is None else self.mask_sync
+        if self.allocator.masks_recomputed and sync:  # only a rebuilt mask can diverge
             check_masks_agree(self.allocator.masks(), step)
             self.mask_sync_checks += 1
         return budget
@@ -529,8 +533,17 @@ class LoRA2Model(nn.Module):
         """Adapter tensors (and modules_to_save) keyed by their name in the *unwrapped* model."""
         return persistence.adapter_state_dict(self)
 
-    def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
-        """Write the adapter: ``lora2_adapter.safetensors`` and ``lora2_config.json`` (written last)."""
+    def save_pretrained(self, save_directory: str | Path, is_main_process: bool = True,
+                        safe_serialization: bool = True, **kwargs: Any) -> None:
+        """Write the adapter: ``lora2_adapter.safetensors`` and ``lora2_config.json`` (written last).
+        ``is_main_process=False`` writes nothing (call it on every rank, as with 🤗 models)."""
+        if not is_main_process:
+            return
+        if not safe_serialization:
+            raise ValueError("lora2 writes adapters as safetensors only (never pickles): drop safe_serialization=False.")
+        if kwargs:
+            warnings.warn(f"save_pretrained ignores {sorted(kwargs)}: lora2 writes the adapter from the model itself, "
+                          "with safetensors.", UserWarning, stacklevel=2)
         self._check_usable()
         self._warn_if_never_allocated("save_pretrained")
         self._save_checkpoint(save_directory)

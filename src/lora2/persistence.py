@@ -8,6 +8,7 @@ process leaves either the old file or the new one, never half of one. An adapter
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -153,12 +154,10 @@ def save_adapter(model: LoRA2Model, save_directory: str | Path) -> None:
     # Two files cannot be renamed at once: the config goes to a pending name first (named by an id the weights
     # carry too), then the weights, then the config into place. A kill between the renames leaves new weights
     # whose config read_adapter_meta finds in the pending file: the directory holds the old save or the new one.
-    save_id = uuid.uuid4().hex
-    pending = _pending_config(directory, save_id)
-    write_json(pending, {
+    tensors = adapter_state_dict(model)
+    meta = {
         "library": "lora2",
         "version": __version__,
-        "save_id": save_id,
         "config": model.lora2_config.to_dict(),
         "base_model_name_or_path": getattr(model.config, "_name_or_path", None) or None,
         "base_model_class": type(model.base_model).__name__,
@@ -171,17 +170,31 @@ def save_adapter(model: LoRA2Model, save_directory: str | Path) -> None:
         "modules_to_save_tied_outside": tied_outside(model.base_model, list(model.modules_to_save_names)),
         "rank_pattern": model.rank_pattern(),
         "allocator_step": model.allocator.step,
-    })
+    }
+    # The id is the content's hash: ranks that all save the same adapter into one directory write interchangeable
+    # files, whatever the order of their renames.
+    save_id = content_id(tensors, meta)
+    pending = directory / f".{CONFIG_NAME}.{save_id}.{uuid.uuid4().hex[:8]}.tmp"  # one per writer; hidden
+    write_json(pending, {**meta, "save_id": save_id})
     try:
-        write_tensors(directory / WEIGHTS_NAME, adapter_state_dict(model),
-                      metadata={"format": "pt", "library": "lora2", "save_id": save_id})
+        write_tensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt", "library": "lora2", "save_id": save_id})
         os.replace(pending, directory / CONFIG_NAME)
     finally:
         pending.unlink(missing_ok=True)
 
 
-def _pending_config(directory: Path, save_id: str) -> Path:
-    return directory / f".{CONFIG_NAME}.{save_id}.tmp"  # hidden, like every temporary of atomic_write
+def content_id(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> str:
+    """SHA-256 (32 hex digits) over the tensors' names, dtypes, shapes and bytes and the metadata's JSON."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:32]
+
+
+def _pending_configs(directory: Path, save_id: str) -> list[Path]:
+    return sorted(directory.glob(f".{CONFIG_NAME}.{save_id}.*.tmp"))
 
 
 def _weights_save_id(path: Path) -> str | None:
@@ -210,13 +223,13 @@ def read_adapter_meta(directory: Path) -> tuple[dict[str, Any], LoRA2Config]:
     if expected is not None and (directory / WEIGHTS_NAME).is_file():
         found = _weights_save_id(directory / WEIGHTS_NAME)
         if found is not None and found != expected:
-            pending = _pending_config(directory, found)
-            if not pending.is_file():
+            pending = _pending_configs(directory, found)
+            if not pending:
                 raise ValueError(
                     f"{directory / WEIGHTS_NAME} and {directory / CONFIG_NAME} come from different saves (save_id "
                     f"{found} vs {expected}) and the weights' own config is gone: a save into this directory was "
                     "interrupted or the files were mixed by hand. Save the adapter again.")
-            meta = read_json(pending)  # a save killed between its two renames: its config was complete
+            meta = read_json(pending[0])  # a save killed between its two renames: its config was complete
     if not isinstance(meta, dict) or meta.get("library") != "lora2" or "config" not in meta:
         raise ValueError(f"{directory / CONFIG_NAME} is not a LoRA² adapter config (no 'library': 'lora2' / 'config').")
     return meta, LoRA2Config.from_adapter_dict(meta["config"])
