@@ -49,12 +49,18 @@ def test_torchrun_two_processes_match_one_process(tmp_path, glue_dir):
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
-def test_diverging_masks_across_ranks_raise(monkeypatch):
+def pruning_from_step_one():
+    """A model whose first allocator step rebuilds the masks, with this step's gradients in place."""
     model = get_lora2_model(tiny_bert(), LoRA2Config(k=1, r=4, target_rank=1, target_modules=["query", "value"],
                                                      total_step=20, init_warmup=0, final_warmup=5, mask_interval=1))
     randomize_adapters(model)
     model.train()
     model(input_ids=torch.randint(0, 120, (2, 6)), labels=torch.tensor([0, 1])).loss.backward()
+    return model
+
+
+def test_diverging_masks_across_ranks_raise(monkeypatch):
+    model = pruning_from_step_one()
 
     def fake_all_gather(out, tensor):
         out[0].copy_(tensor)
@@ -70,11 +76,7 @@ def test_diverging_masks_across_ranks_raise(monkeypatch):
 
 def test_ranks_training_separate_models_can_turn_the_mask_comparison_off(monkeypatch):
     """A sweep over one process group (or rank 0 training alone) has no partner for the all-gather."""
-    model = get_lora2_model(tiny_bert(), LoRA2Config(k=1, r=4, target_rank=1, target_modules=["query", "value"],
-                                                     total_step=20, init_warmup=0, final_warmup=5, mask_interval=1))
-    randomize_adapters(model)
-    model.train()
-    model(input_ids=torch.randint(0, 120, (2, 6)), labels=torch.tensor([0, 1])).loss.backward()
+    model = pruning_from_step_one()
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
 
