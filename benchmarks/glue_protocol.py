@@ -178,7 +178,18 @@ def select(runs: list[Run], protocol: dict[str, Any], only: Iterable[str] | None
            variants: Iterable[str] | None = None) -> list[Run]:
     """The runs of the named groups, tasks, seeds and variants (None: all). A variant is ``name`` (in every group
     that has it) or ``group/name`` (``importance/full``, not table 1's full fine-tuning)."""
-    only, tasks, seeds, variants = (set(x) if x is not None else None for x in (only, tasks, seeds, variants))
+    only, seeds, variants = (set(x) if x is not None else None for x in (only, seeds, variants))
+    if tasks is not None:  # the spellings lora2 glue takes (STS-B, sst2, ...), then only the protocol's tasks
+        from lora2.glue.tasks import get_task
+
+        tasks = {get_task(t).name for t in tasks}
+        if tasks - set(protocol["tasks"]):
+            raise ValueError(f"Task(s) {sorted(tasks - set(protocol['tasks']))} are not in the protocol; it has "
+                             f"{list(protocol['tasks'])}.")
+    if seeds is not None:
+        have = {s for group in protocol["groups"].values() for s in group["seeds"]}
+        if seeds - have:
+            raise ValueError(f"Seed(s) {sorted(seeds - have)} are not in the protocol; its groups use {sorted(have)}.")
     unknown = (only or set()) - set(protocol["groups"])
     if unknown:
         raise ValueError(f"Unknown group(s) {sorted(unknown)}; the protocol has {list(protocol['groups'])}.")

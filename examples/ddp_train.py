@@ -81,7 +81,16 @@ def main() -> None:
                         collate_fn=DataCollatorWithPadding(tokenizer))
     optimizer = torch.optim.AdamW(model.optimizer_param_groups(args.lr))  # lam at lr × lam_lr_ratio
     losses = []
-    for step, batch in enumerate(loader, start=1):
+
+    def batches():  # as many passes as --steps needs (a small task's training set ends before the schedule)
+        epoch = 0
+        while True:
+            if world > 1:
+                sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    for step, batch in enumerate(batches(), start=1):
         loss = engine(**batch).loss
         loss.backward()
         optimizer.step()

@@ -734,3 +734,12 @@ def test_documented_quality_tables_match_the_gpu_results(protocol, doc, heading)
                 assert float(cell.split()[0]) == mean, (doc, variant, task)
             checked += 1
     assert checked == len(rows) * len(tasks)
+
+
+def test_tasks_and_seeds_outside_the_protocol_are_errors_not_empty_selections(protocol):
+    runs = gp.expand(protocol)
+    with pytest.raises(ValueError, match="Unknown GLUE task 'foo'"):
+        gp.select(runs, protocol, tasks=["foo"])
+    with pytest.raises(ValueError, match=r"Seed\(s\) \[7\] are not in the protocol"):
+        gp.select(runs, protocol, seeds=[7])
+    assert {r.task for r in gp.select(runs, protocol, tasks=["STS-B"])} == {"stsb"}  # lora2 glue's spelling

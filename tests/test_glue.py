@@ -157,6 +157,13 @@ def test_cli_spelling_limits_and_warnings(tmp_path, tiny_model_dir, glue_dir, ca
     assert main([*base, "--output-dir", str(tmp_path / "nan"), "--method", "full", "--learning-rate", "1e30",
                  "--max-steps", "4"]) == 2  # a diverged run: a message, not a traceback
     assert "lora2 glue: error: Training loss is" in capsys.readouterr().err
+    # diverged at the last step, so no loss saw it: NaN outputs give NaN metrics and exit code 1, not a "result"
+    assert main([*base, "--output-dir", str(tmp_path / "nan1"), "--method", "full", "--learning-rate", "1e30",
+                 "--max-steps", "1", "--max-grad-norm", "0"]) == 1
+    assert "dev predictions are NaN/inf" in capsys.readouterr().err
+    assert np.isnan(json.loads((tmp_path / "nan1" / "results.json").read_text())["final"]["accuracy"])
+    assert main([*base, "--output-dir", str(tmp_path / "short"), "--max-length", "3"]) == 2  # [CLS] a [SEP] b [SEP]
+    assert "--max-length 3 leaves no room for text: RTE inputs take 3 special tokens" in capsys.readouterr().err
     assert main([*base, "--output-dir", str(tmp_path / "t"), "--target-modules", ","]) == 2
     assert "names no module" in capsys.readouterr().err
     assert main([*base, "--output-dir", str(tmp_path / "ada"), "--method", "adalora", "--max-steps", "2"]) == 2
@@ -292,6 +299,53 @@ def test_cli_runs_every_method(method, tmp_path, tiny_model_dir, glue_dir):
     assert results["environment"]["transformers"] and results["environment"]["gpu"] is None
 
 
+def test_a_checkpoint_fine_tuned_on_stsb_trains_a_classification_task_as_classification(tmp_path, tiny_model_dir,
+                                                                                         glue_dir):
+    """transformers saves problem_type="regression" in an STS-B model's config; RTE must not train with MSE."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    regression = tmp_path / "stsb-model"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, problem_type="regression",
+                                                               ignore_mismatched_sizes=True)
+    model.save_pretrained(regression)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(regression)
+    assert AutoConfig.from_pretrained(regression).problem_type == "regression"
+    _, out = run_cli(tmp_path, str(regression), glue_dir, "rte", "lora2")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if "loss" in line]
+    assert 0.3 < log[0]["task_loss"] < 1.2  # cross-entropy of two classes near ln 2, not MSE on class ids
+
+
+def test_a_decoder_only_classifier_gets_a_padding_token(tmp_path, glue_dir):
+    """GPT-2 has no pad token: the pipeline pads with end-of-text, and the head finds each row's last token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2TokenizerFast
+
+    path = tmp_path / "gpt2"
+    vocab = {"<|endoftext|>": 0, **{chr(c): i + 1 for i, c in enumerate(range(32, 127))}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = GPT2TokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>")
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=512,
+                                             num_labels=2)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    results, _ = run_cli(tmp_path, str(path), glue_dir, "rte", "lora2", "--max-length", "64")
+    assert results["steps"] == 6 and np.isfinite(results["final"]["accuracy"])
+
+
+def test_the_heatmap_title_counts_matrices_outside_the_layers():
+    from lora2.glue.plots import heatmap_title, pattern_grid
+
+    pattern = {"bert.encoder.layer.0.attention.self.query": 2, "bert.encoder.layer.1.attention.self.query": 3,
+               "bert.pooler.dense": 4}
+    _, _, grid = pattern_grid(pattern)
+    assert heatmap_title("T", pattern, grid, 3) == \
+        "T\nactive singular values: 9 (4 outside the layers, not drawn); effective rank (sum): 3"
+    inside = {k: v for k, v in pattern.items() if "layer" in k}
+    assert heatmap_title("T", inside, pattern_grid(inside)[2], None) == "T\nactive singular values: 5"
+
+
 def test_metrics_follow_the_glue_definitions():
     cola, mrpc, stsb = get_task("cola"), get_task("mrpc"), get_task("stsb")
     labels = np.array([1, 0, 1, 1, 0, 1])
@@ -306,6 +360,11 @@ def test_metrics_follow_the_glue_definitions():
     assert got["pearson"] == pytest.approx(np.corrcoef(scores, gold)[0, 1])
     assert got["spearman"] == pytest.approx(0.8)  # ranks 1 2 3 4 vs 2 1 3 4
     assert compute_metrics(stsb, np.ones((4, 1)), gold) == {"pearson": 0.0, "spearman": 0.0}
+    # a diverged model's NaN outputs are no majority-class run: every metric is NaN (the protocol ranks it last)
+    nan_logits = np.full((6, 2), np.nan)
+    assert all(np.isnan(v) for v in compute_metrics(mrpc, nan_logits, labels).values())
+    assert set(compute_metrics(cola, nan_logits, labels)) == {"mcc"}
+    assert all(np.isnan(v) for v in compute_metrics(stsb, np.full((4, 1), np.inf), gold).values())
 
 
 def _write(tmp_path: Path, task_dir: str, text: str) -> Path:

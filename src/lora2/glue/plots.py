@@ -44,6 +44,14 @@ def pattern_grid(pattern: dict[str, int]) -> tuple[list[str], list[int], np.ndar
     return rows, layers, grid
 
 
+def heatmap_title(title: str, pattern: dict[str, int], grid: np.ndarray, effective_total: int | None) -> str:
+    """The counts over every adapted matrix, those outside the layer grid (a pooler) included and said so."""
+    total, drawn = sum(pattern.values()), int(np.nansum(grid))
+    outside = "" if drawn == total else f" ({total - drawn} outside the layers, not drawn)"
+    effective = "" if effective_total is None else f"; effective rank (sum): {effective_total}"
+    return f"{title}\nactive singular values: {total}{outside}{effective}"
+
+
 def save_heatmap(pattern: dict[str, int], path: str | Path, title: str, vmax: int | None = None,
                  effective_total: int | None = None) -> Path:
     """Write the heatmap PNG atomically; cells are annotated with their counts. ``effective_total``: the summed
@@ -60,9 +68,7 @@ def save_heatmap(pattern: dict[str, int], path: str | Path, title: str, vmax: in
                 value = int(grid[i, j])
                 bright = vmax is not None and value > 0.6 * vmax
                 ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color="black" if bright else "white")
-    total = int(np.nansum(grid))
-    effective = "" if effective_total is None else f"; effective rank (sum): {effective_total}"
-    ax.set_title(f"{title}\nactive singular values: {total}{effective}", fontsize=10)
+    ax.set_title(heatmap_title(title, pattern, grid, effective_total), fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     fig.tight_layout()
     path = Path(path)

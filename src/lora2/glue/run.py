@@ -48,7 +48,9 @@ def load_model_and_tokenizer(name: str | None, task: GlueTask) -> tuple[Any, Any
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = name or default_model_path()
-    extra = {"problem_type": "regression"} if task.is_regression else {}
+    # always set: a checkpoint fine-tuned on STS-B keeps problem_type="regression" in its config, and an RTE run on
+    # it would train with MSE on the class ids
+    extra = {"problem_type": "regression" if task.is_regression else "single_label_classification"}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         # a checkpoint with another head size (e.g. fine-tuned on MNLI) gets a fresh head for this task
@@ -61,6 +63,13 @@ def load_model_and_tokenizer(name: str | None, task: GlueTask) -> tuple[Any, Any
                 "Pass a local model directory, or go online so the hub name can be downloaded."
             ) from err
         raise RuntimeError(f"Could not load model {path!r}: {err}") from err
+    if tokenizer.pad_token is None:  # decoder-only models (GPT-2, Llama) have none: pad with end-of-text
+        if tokenizer.eos_token is None:
+            raise ValueError(f"The tokenizer of {path!r} has neither a padding nor an end-of-text token, so batches "
+                             "cannot be padded; give the tokenizer a pad_token.")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:  # the head finds each row's last token by it
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, path
 
 
@@ -188,6 +197,10 @@ def prepare_run(args: GlueArgs) -> PreparedRun:
     if limit is not None and args.max_length > limit:
         raise ValueError(f"--max-length {args.max_length} exceeds the {limit} positions {model_path} was trained "
                          f"with; use --max-length {limit} or less.")
+    special = tokenizer.num_special_tokens_to_add(pair=len(task.text_columns) > 1)
+    if args.max_length <= special:  # the tokenizer cannot truncate below its special tokens and keeps the whole input
+        raise ValueError(f"--max-length {args.max_length} leaves no room for text: {task.name.upper()} inputs take "
+                         f"{special} special tokens; use --max-length {special + 1} or more.")
     collate = _collate(tokenizer)
     train_set = Encoded(train_examples, tokenizer, args.max_length, task.is_regression)
     gen = torch.Generator().manual_seed(args.seed)
@@ -232,7 +245,10 @@ def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] 
     out_dir = Path(args.output_dir or f"runs/{get_task(args.task).name}-{args.method}-s{args.seed}")
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--output-dir {out_dir} is a file.")
-    earlier = [] if args.resume_from_checkpoint or not out_dir.is_dir() else earlier_run(out_dir)
+    # resuming continues the run in --output-dir; a checkpoint from elsewhere must not mix with another run there
+    resume_here = args.resume_from_checkpoint == "last" or (
+        args.resume_from_checkpoint and out_dir.resolve() in Path(args.resume_from_checkpoint).resolve().parents)
+    earlier = [] if resume_here or not out_dir.is_dir() else earlier_run(out_dir)
     if earlier and not args.overwrite_output_dir:
         raise FileExistsError(
             f"--output-dir {out_dir} already holds a run ({', '.join(p.name for p in earlier[:5])}"
