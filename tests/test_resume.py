@@ -57,6 +57,14 @@ def test_killed_run_resumes_identically(method, tmp_path, tiny_model_dir, glue_d
     full_steps = [json.loads(line)["step"] for line in (full_dir / "train_log.jsonl").read_text().splitlines()]
     assert log_steps == full_steps  # no duplicated lines from the part after the checkpoint
 
+    def losses(run_dir):
+        lines = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+        return [(e["loss"], e["task_loss"]) for e in lines if "loss" in e]
+
+    # the line after the resume averages the same steps (those before the checkpoint included)
+    assert [v for pair in losses(cut_dir) for v in pair] == pytest.approx([v for pair in losses(full_dir) for v in pair],
+                                                                          rel=1e-5)
+
 
 def test_resume_with_other_options_is_refused(tmp_path, tiny_model_dir, glue_dir, capsys):  # noqa: F811
     out = tmp_path / "run"

@@ -49,6 +49,9 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
     update_norms: list[dict[str, float]] = field(default_factory=list)  # ‖ΔW‖/‖W0‖ at each evaluation
     best: dict[str, Any] = field(default_factory=lambda: {"score": -math.inf})
+    # the losses since the last log line, so that a resumed run's next line averages the same steps
+    running: list[float] = field(default_factory=list)
+    running_task: list[float] = field(default_factory=list)  # the task part of each loss (LoRA²'s γ·R taken out)
 
 
 def resume(path: str, out_dir: Path, method: Method, optimizer: Any, scheduler: Any, settings: LoopSettings,
@@ -125,8 +128,6 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
     model, params = method.model, method.trainable()
     total = settings.total_steps
     log = open(out_dir / "train_log.jsonl", "a", encoding="utf-8")  # closed in the finally below
-    running: list[float] = []
-    running_task: list[float] = []  # the task part of each loss (LoRA²'s γ·R taken out)
     model.train()
     bar = tqdm(total=total, initial=state.step, desc=settings.description, disable=not settings.progress,
                dynamic_ncols=True)
@@ -143,12 +144,13 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
                 state.step += 1
                 state.batches_done = index + 1
                 state.train_time += time.perf_counter() - t0
-                running.append(loss.item())
-                running_task.append(method.task_loss(running[-1]))
+                state.running.append(loss.item())
+                state.running_task.append(method.task_loss(state.running[-1]))
                 bar.update(1)
                 step = state.step
                 if step % settings.logging_steps == 0 or step == total:
-                    entry = {"step": step, "loss": float(np.mean(running)), "task_loss": float(np.mean(running_task)),
+                    entry = {"step": step, "loss": float(np.mean(state.running)),
+                             "task_loss": float(np.mean(state.running_task)),
                              "lr": lr_used}
                     pattern = method.active_pattern()
                     if pattern is not None:
@@ -157,7 +159,7 @@ def train(method: Method, loader: Any, generator: torch.Generator, optimizer: An
                     log.write(json.dumps(entry) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{entry['loss']:.4f}")
-                    running, running_task = [], []
+                    state.running, state.running_task = [], []
                 if step % settings.eval_every == 0 or step == total:
                     metrics = evaluate()
                     state.history.append({"step": step, **metrics})
