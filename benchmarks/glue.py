@@ -148,8 +148,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
     plan = make_plan(protocol, results_dir, ns.lr_from if ns.dry_run else None)
     steps = _view(plan, ns, protocol)
     counts = {k: sum(s.status == k for s in steps) for k in ("done", "reuse", "todo", "waiting", "skip")}
+    elsewhere = sum(s.status == "skip" and "search chose lr" in s.note for s in steps)  # --lr-from: other grid lrs
+    skipped = f"{counts['skip'] - elsewhere} lr-edge runs not needed" + (
+        f", {elsewhere} grid runs of the other directory's search" if elsewhere else "")
     print(f"{len(steps) - counts['skip']} runs: {counts['done']} done, {counts['reuse']} to reuse, {counts['todo']} "
-          f"to train now, {counts['waiting']} waiting ({counts['skip']} lr-edge runs not needed).", flush=True)
+          f"to train now, {counts['waiting']} waiting ({skipped}).", flush=True)
     print(estimate_line(protocol, steps, plan, 1 if ns.shard else 2), flush=True)  # a shard: its own worker
     for step in steps:
         if step.note.startswith(("stale", "bad result file")):
