@@ -306,7 +306,8 @@ def finish(args: GlueArgs, task: GlueTask, method: Any, state: LoopState, out_di
         "train_examples": train_examples,
         "data_source": data_source(args.data_dir),
         "final": {k: v for k, v in final.items() if k != "step"},
-        "best": {"step": state.best["step"], **state.best["metrics"]},
+        # no evaluation scored (every one NaN: a diverged model): the best is the final one, NaN
+        "best": {"step": state.best["step"], **state.best["metrics"]} if "step" in state.best else dict(final),
         "main_metric": task.main_metric,
         "eval_history": state.history,
         "update_norms": state.update_norms,
