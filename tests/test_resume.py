@@ -80,6 +80,9 @@ def test_resume_with_other_options_is_refused(tmp_path, tiny_model_dir, glue_dir
     # same step count, other learning rate or LoRA² option: continuing would train with the old ones
     assert main([*ns_args, "--learning-rate", "0.002", "--pq-form", "rank", "--resume-from-checkpoint", "last"]) == 2
     assert "written with other options (learning_rate, pq_form)" in capsys.readouterr().err
+    fresh = [a if a != str(out) else str(tmp_path / "fresh") for a in ns_args]
+    assert main([*fresh, "--resume-from-checkpoint", "last"]) == 2  # nothing to resume there
+    assert not (tmp_path / "fresh").exists()  # and no empty run directory left behind
 
 
 def test_an_adalora_checkpoint_from_before_its_regulariser_fix_is_refused(tmp_path, tiny_model_dir, glue_dir,  # noqa: F811

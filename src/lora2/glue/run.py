@@ -258,11 +258,17 @@ def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] 
     p = prepare_run(args)
     clear_earlier_run(earlier)  # only now: a run that fails to start leaves the earlier one intact
     total_steps = p.settings.total_steps
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "train_log.jsonl"
     if args.resume_from_checkpoint:
-        state = resume(args.resume_from_checkpoint, out_dir, p.method, p.optimizer, p.scheduler, p.settings,
-                       p.generator, log_path)
+        try:
+            state = resume(args.resume_from_checkpoint, out_dir, p.method, p.optimizer, p.scheduler, p.settings,
+                           p.generator, log_path)
+        except BaseException:
+            if created and not any(out_dir.iterdir()):  # a refused resume leaves no empty run directory behind
+                out_dir.rmdir()
+            raise
     else:
         log_path.write_text("", encoding="utf-8")
         state = LoopState()
