@@ -42,7 +42,7 @@ def kendall_tau(ours: list[float], theirs: list[float]) -> float:
 
 def _mean(plan: Plan, group: str, variant: str, task: str, which: str) -> float | None:
     """The cell's mean ×100, rounded as the tables show it (so equal-looking cells rank as ties); None if empty
-    or not finite (the pipeline never writes a NaN metric; a hand-edited file is not ranked)."""
+    or not finite (a diverged run's NaN metric, or a hand-edited file: not ranked)."""
     values = [metric(r, which) for r in plan.cell(group, variant, task)]
     mean = 100 * statistics.fmean(values) if values else math.nan
     return round(mean, 2) if math.isfinite(mean) else None
