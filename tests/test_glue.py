@@ -131,6 +131,19 @@ def test_position_limits_of_model_families():
     assert limit(512) is None  # T5: relative positions, no such field
 
 
+def test_a_model_type_without_default_targets_names_the_flag():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from lora2.glue.methods import resolve_targets
+
+    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2,
+                                                                 hidden_dim=32))
+    with pytest.raises(ValueError, match=r"No default target_modules for model type 'distilbert'.*'q_lin'.*"
+                                         r"Here: --target-modules"):
+        resolve_targets(model, None)
+    assert resolve_targets(model, ["q_lin"]) == ["q_lin"]
+
+
 def test_cli_spelling_limits_and_warnings(tmp_path, tiny_model_dir, glue_dir, capsys):
     import os
     import stat
@@ -162,6 +175,9 @@ def test_cli_spelling_limits_and_warnings(tmp_path, tiny_model_dir, glue_dir, ca
                  "--max-steps", "1", "--max-grad-norm", "0"]) == 1
     assert "dev predictions are NaN/inf" in capsys.readouterr().err
     assert np.isnan(json.loads((tmp_path / "nan1" / "results.json").read_text())["final"]["accuracy"])
+    assert main([*base, "--output-dir", str(tmp_path / "ep"), "--epochs", "1", "--init-warmup-min", "5"]) == 2
+    assert ("The run's optimizer steps (--max-steps or --epochs)=2 leaves no pruning phase" in
+            (err := capsys.readouterr().err)) and "at least --init-warmup-min 5" in err  # the flags, not the fields
     assert main([*base, "--output-dir", str(tmp_path / "short"), "--max-length", "3"]) == 2  # [CLS] a [SEP] b [SEP]
     assert "--max-length 3 leaves no room for text: RTE inputs take 3 special tokens" in capsys.readouterr().err
     assert main([*base, "--output-dir", str(tmp_path / "t"), "--target-modules", ","]) == 2
@@ -580,6 +596,8 @@ def test_adalora_trains_with_its_orthogonality_regulariser(tiny_model_dir):
     ({"save_total_limit": 0}, "--save-total-limit must be an integer >= 1"),
     ({"adalora_init_r": 2, "adalora_target_r": 4}, "must not exceed --adalora-init-r"),
     ({"max_steps": 50, "lora2": {"init_warmup": 1000}}, r"--max-steps 50 leaves no pruning phase.*1000 \+ 22"),
+    ({"max_steps": 4, "init_warmup_min": 100}, r"--max-steps 4 leaves no pruning phase.*100 \+ 2 = 102 "
+                                               r"\(--init-warmup-min 100\)"),
 ])
 def test_bad_numbers_fail_before_anything_loads(options, message):
     with pytest.raises(ValueError, match=message):

@@ -200,11 +200,13 @@ class GlueArgs:
         if self.max_steps is not None and self._prunes(config):
             settings = self.lora2_settings(self.max_steps)
             warmups = settings["init_warmup"] + settings["final_warmup"]
-            if ("init_warmup" in self.lora2 or "final_warmup" in self.lora2) and self.max_steps <= warmups:
+            set_by_user = "init_warmup" in self.lora2 or "final_warmup" in self.lora2 or self.init_warmup_min
+            if set_by_user and self.max_steps <= warmups:
                 raise ValueError(
                     f"--max-steps {self.max_steps} leaves no pruning phase: it must exceed --init-warmup + "
-                    f"--final-warmup = {settings['init_warmup']} + {settings['final_warmup']} = {warmups}. "
-                    "Train longer, or leave the warm-ups out (then they are 15% and 45% of the run)."
+                    f"--final-warmup = {settings['init_warmup']} + {settings['final_warmup']} = {warmups}"
+                    f"{f' (--init-warmup-min {self.init_warmup_min})' if self.init_warmup_min else ''}. Train longer, "
+                    "or leave the warm-ups out (then they are 15% and 45% of the run)."
                 )
 
     @classmethod

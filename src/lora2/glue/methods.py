@@ -272,7 +272,12 @@ def head_modules(model: nn.Module) -> list[str]:
 
 def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
     """The adapted modules: the given suffixes, else the model type's "ALL" set (``config.DEFAULT_TARGET_MODULES``)."""
-    return list(targets) if targets else default_targets(model)
+    if targets:
+        return list(targets)
+    try:
+        return default_targets(model)
+    except ValueError as err:  # name the pipeline's flag beside the config field
+        raise ValueError(f"{err} Here: --target-modules with comma-separated names.") from None
 
 
 def build_method(args: GlueArgs, base: nn.Module, total_steps: int) -> Method:
@@ -285,7 +290,16 @@ def build_method(args: GlueArgs, base: nn.Module, total_steps: int) -> Method:
     targets = resolve_targets(base, args.targets())
     settings = args.lora2_settings(total_steps)
     if args.method == "lora2":
-        config = LoRA2Config(**settings, target_modules=targets, modules_to_save=heads, total_step=total_steps)
+        config = LoRA2Config(**settings, target_modules=targets, modules_to_save=heads)
+        if config.target_total_rank is None and config.resolved_target_rank < config.r:  # it prunes: say which flags
+            try:
+                config.check_schedule(total_steps, source="The run's optimizer steps (--max-steps or --epochs)")
+            except ValueError as err:
+                origin = ("as set" if "init_warmup" in args.lora2 else
+                          f"15% of the run, at least --init-warmup-min {args.init_warmup_min}")
+                raise ValueError(f"{err} Here --init-warmup is {config.init_warmup} ({origin}) and --final-warmup "
+                                 f"{config.final_warmup}.") from None
+        config.total_step = total_steps  # validated again when the model is wrapped
         method: Method = LoRA2Method(base, config, args.orth_clip)
     elif args.method in ("lora", "adalora"):
         method = _build_peft(args, base, settings, targets, heads, total_steps)
