@@ -16,7 +16,7 @@ import torch
 from .config import CONFIG_NAME, LoRA2Config
 from .factors import FACTOR_NAMES, LoRA2Factors
 from .persistence import WEIGHTS_NAME, read_adapter_meta, read_adapter_tensors
-from .targets import paths_of, tied_outside
+from .targets import shared_paths, tied_outside
 
 
 @dataclass
@@ -80,8 +80,7 @@ def source_from_model(model: Any) -> LoRA2Source:
         base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
         base_model_class=type(model.base_model).__name__,
         where="the LoRA2Model",
-        shared_paths={name: paths for name, layer in model.lora2_layers.items()
-                      if len(paths := paths_of(model.base_model, layer)) > 1},
+        shared_paths=shared_paths(model.base_model, model.lora2_layers),
     )
 
 

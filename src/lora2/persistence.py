@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, LoRA2Config
 from .factors import FACTOR_NAMES
-from .targets import paths_of, tied_outside
+from .targets import shared_paths, tied_outside
 
 if TYPE_CHECKING:
     from torch import nn
@@ -164,8 +164,7 @@ def save_adapter(model: LoRA2Model, save_directory: str | Path) -> None:
         "adapted_modules": list(model.lora2_layers),
         "fan_in_fan_out": {name: layer.fan_in_fan_out for name, layer in model.lora2_layers.items()},
         # a layer one object registers under several parents runs at each path (a PEFT export cannot say that)
-        "shared_paths": {name: paths for name, layer in model.lora2_layers.items()
-                         if len(paths := paths_of(model.base_model, layer)) > 1},
+        "shared_paths": shared_paths(model.base_model, model.lora2_layers),
         "modules_to_save": model.modules_to_save_names,
         "modules_to_save_tied_outside": tied_outside(model.base_model, list(model.modules_to_save_names)),
         "rank_pattern": model.rank_pattern(),

@@ -85,6 +85,12 @@ def paths_of(root: nn.Module, module: nn.Module) -> list[str]:
     return [n for n, m in root.named_modules(remove_duplicate=False) if m is module and n]
 
 
+def shared_paths(root: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """name → every path of each layer that one object registers under several parents (a PEFT export cannot say
+    that)."""
+    return {name: paths for name, layer in layers.items() if len(paths := paths_of(root, layer)) > 1}
+
+
 def swap_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` sits: a layer one object registers under two parents runs at both paths, and a
     merge into its shared weight keeps them equal."""
