@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from fractions import Fraction
 
 import pytest
@@ -197,6 +198,63 @@ def test_state_dict_resume_continues_identically(tmp_path):
         assert torch.equal(resumed.ema_u[name], full_run.ema_u[name])
     assert resumed.outer_u[2]["q_outer"].equal(full_run.outer_u[2]["q_outer"])
     assert (resumed.step, resumed.num_updates) == (60, 60)
+
+
+def test_a_loaded_state_is_copied_not_shared():
+    """The EMAs update in place; a state kept in memory (an early-stopping snapshot) must not change under the
+    caller once it is loaded, as with torch.optim's load_state_dict."""
+    layers = make_layers(3, 2, 4)
+    alloc = allocator(layers, importance="full")
+    for step in range(1, 6):
+        set_state(layers, step)
+        alloc.update_and_allocate(step)
+    snapshot = alloc.state_dict()
+    kept = {name: t.clone() for name, t in snapshot["tensors"].items()}
+    alloc.load_state_dict(snapshot)
+    for step in range(6, 9):
+        set_state(layers, step)
+        alloc.update_and_allocate(step)
+    assert not torch.equal(alloc.ema_i["lam"], kept["ema_i.lam"])  # the allocator did move on
+    for name, t in snapshot["tensors"].items():
+        assert torch.equal(t, kept[name]), name
+
+
+def test_steps_that_never_reach_the_allocator_are_named_once():
+    layers = make_layers(2, 1, 4)
+    alloc = allocator(layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consecutive steps: no warning
+        for step in (1, 2):
+            set_state(layers, step)
+            alloc.update_and_allocate(step)
+    set_state(layers, 5)
+    with pytest.warns(RuntimeWarning, match=r"after step 2: steps 3-4 never reached the allocator"):
+        alloc.update_and_allocate(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        set_state(layers, 9)
+        alloc.update_and_allocate(9)
+
+
+def test_a_frozen_adapter_is_named_before_it_is_pruned_for_lack_of_gradients():
+    layers = make_layers(3, 1, 4)
+    layers[1].lam.requires_grad_(False)
+    alloc = allocator(layers)
+    set_state(layers, 1)
+    with pytest.warns(RuntimeWarning, match=r"1 of 3 adapted matrices have a frozen lam .*e\.g\. m1"):
+        alloc.update_and_allocate(1)
+
+
+def test_a_run_whose_every_step_was_skipped_says_so_when_it_must_prune():
+    layers = make_layers(2, 1, 4)
+    alloc = allocator(layers, init_warmup=2, final_warmup=3, mask_interval=1, total_step=8)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        for step in range(1, 6):
+            set_state(layers, step, nan=True)
+            alloc.update_and_allocate(step)
+    set_state(layers, 6)
+    with pytest.raises(RuntimeError, match=r"all 5 steps before the final phase had non-finite gradients"):
+        alloc.update_and_allocate(6)
 
 
 def test_missing_total_step_is_a_clear_error():

@@ -331,7 +331,11 @@ def test_import_errors(tmp_path):
         init_from_peft_lora(copy.deepcopy(narrow), tmp_path)
     for variant, said in (({"init_lora_weights": "pissa_niter_4"}, "replaces the base weight"),
                           ({"init_lora_weights": "olora"}, "replaces the base weight"),
-                          ({"alora_invocation_tokens": [5, 6]}, "activated LoRA")):
+                          ({"alora_invocation_tokens": [5, 6]}, "activated LoRA"),
+                          ({"use_bdlora": {"lora_a_is_blockdiagonal": True}}, "BD-LoRA"),
+                          ({"kasa_config": {"use_kasa": True}}, "KaSA"),
+                          ({"layer_replication": [[0, 2], [1, 2]]}, "duplicated layers"),
+                          ({"trainable_token_indices": [3, 4]}, "not a LoRA")):
         (tmp_path / PEFT_CONFIG_NAME).write_text(json.dumps({**cfg, **variant}))
         with pytest.raises(ValueError, match=said):
             init_from_peft_lora(copy.deepcopy(narrow), tmp_path)
@@ -347,7 +351,11 @@ def test_a_head_tied_to_the_embeddings_is_never_merged_exported_or_imported_unti
         with pytest.raises(RuntimeError, match=r"lm_head\.weight is tied to transformer\.wte\.weight"):
             merge()
     assert torch.equal(head.base_model.transformer.wte.weight, embeddings)
-    export_to_peft(head, tmp_path / "unmerged")  # the unmerged adapter exports as usual
+    # the unmerged adapter exports as usual, from the model and from its directory, with a word about PEFT's merge
+    head.save_pretrained(tmp_path / "lora2")
+    for source in (head, tmp_path / "lora2"):
+        with pytest.warns(UserWarning, match=r"lm_head of .* tied to transformer\.wte\.weight .*merge_and_unload"):
+            export_to_peft(source, tmp_path / "unmerged")
 
     saved = get_lora2_model(tiny_gpt2(), LoRA2Config(k=K, r=R, target_modules=["c_attn"], modules_to_save=["lm_head"]))
     with pytest.raises(ValueError, match=r"lm_head\.weight \(modules_to_save\) is tied to transformer\.wte\.weight.*"

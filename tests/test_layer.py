@@ -137,6 +137,29 @@ def test_merge_and_unmerge_are_exact(kind):
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_base_rounds_merge_and_forward_once(dtype):
+    """W0 + s·Δ is formed in float32 and rounded once to the base dtype (PEFT's result); rounding s·Δ first
+    put 16% of a bf16 weight's entries one ulp off."""
+    torch.manual_seed(0)
+    layer = LoRA2Layer(nn.Linear(64, 96), k=2, r=4, alpha=8.0)
+    with torch.no_grad():
+        for name in ("p_outer", "p_inner", "lam", "q_inner", "q_outer"):
+            getattr(layer, name).normal_(0, 0.3)
+    layer.to(dtype)
+    assert layer.lam.dtype == torch.float32 and layer.base_layer.weight.dtype == dtype
+    x = torch.randn(5, 64).to(dtype)
+    w0 = layer.base_layer.weight.detach().clone()
+    delta = layer.get_delta_weight()
+    base_out = layer.base_layer(x)
+    update = (x.float() @ layer.p_outer @ layer.core()) @ layer.q_outer
+    assert torch.equal(layer(x), (base_out.float() + update).to(dtype))
+    layer.merge()
+    assert torch.equal(layer.base_layer.weight, (w0.float() + delta).to(dtype))
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, ((w0.float() + delta).to(dtype).float() - delta).to(dtype))
+
+
 def test_delta_weight_layout_follows_the_base():
     lin, conv = make_layer("linear"), make_layer("conv1d")
     assert lin.get_delta_weight().shape == lin.base_layer.weight.shape == (D_OUT, D_IN)

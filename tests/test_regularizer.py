@@ -143,6 +143,28 @@ def test_rank_form_matches_the_dense_singular_values_on_random_factors(k, r, see
     torch.testing.assert_close(rank, literal - 2 * max(r - k, 0), rtol=1e-9, atol=1e-9)  # (r − k) per side
 
 
+@pytest.mark.parametrize(("k", "r"), [(1, 8), (3, 8), (5, 6)])
+def test_rank_and_literal_forms_give_the_same_gradients_at_every_k(k, r):
+    """PᵀP has rank ≤ k, so the literal form is the rank form plus the constant r − k per side: the choice
+    changes the logged value, never the update (method.md §3)."""
+    from torch import nn
+
+    from lora2 import LoRA2Layer
+
+    torch.manual_seed(k)
+    layer = LoRA2Layer(nn.Linear(24, 40), k=k, r=r, alpha=1.0).double()
+    factors = [layer.p_outer, layer.p_inner, layer.q_inner, layer.q_outer]
+    with torch.no_grad():
+        for f in factors:  # far from any orthonormal point, so the gradients are large
+            f.copy_(0.7 * torch.randn_like(f))
+    grads = {}
+    for form in ("literal", "rank"):
+        grads[form] = torch.autograd.grad(layer_terms(layer, ["PQ"], pq_form=form)["PQ"], factors)
+    assert all(g.abs().max() > 1e-3 for g in grads["rank"])  # a real gradient, not zeros on both sides
+    for lit, rank in zip(grads["literal"], grads["rank"], strict=True):
+        torch.testing.assert_close(lit, rank, rtol=1e-9, atol=1e-9)
+
+
 def test_rank_form_in_the_model_loss_is_batched_over_matrices():
     model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_modules=BERT_TARGETS, pq_form="rank"))
     randomize_adapters(model)

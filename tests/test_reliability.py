@@ -429,3 +429,22 @@ def test_partial_checkpoints_are_never_resumed_from(tmp_path):
     (tmp_path / "checkpoint-4" / OPTIMIZER_NAME).write_bytes(b"\x80\x04truncated")
     with pytest.raises(ValueError, match="cannot be read safely"):
         load_checkpoint(tmp_path / "checkpoint-4", method, optimizer, scheduler)
+
+
+def test_a_float16_head_that_overflows_is_named_instead_of_the_adapter():
+    """On a float16 base a ``modules_to_save`` head trains in float16, where AdamW overflows in one step; the
+    adapter's NaN a step later used to be reported as a λ problem with 'lower the learning rate'."""
+    cfg = LoRA2Config(k=2, r=4, alpha=8, target_modules=BERT_TARGETS, modules_to_save=["classifier"], target_rank=1,
+                      init_warmup=2, final_warmup=3, mask_interval=1, total_step=10)
+    model = get_lora2_model(tiny_bert(num_labels=3).half(), cfg)
+    model.train()
+    assert model.base_model.classifier.weight.dtype == torch.float16
+    assert next(iter(model.lora2_layers.values())).lam.dtype == torch.float32
+    opt = torch.optim.AdamW(model.optimizer_param_groups(lr=1e-3))
+    ids = torch.randint(1, 120, (4, 12))
+    with pytest.raises(FloatingPointError, match=r"classifier\.\S*weight \(torch\.float16, trained outside the adapter\)"):
+        for step in range(1, 4):
+            model(input_ids=ids, labels=torch.tensor([0, 1, 2, 1])).loss.backward()
+            opt.step()
+            model.update_and_allocate(step)
+            opt.zero_grad()

@@ -16,7 +16,7 @@ import torch
 from .config import CONFIG_NAME, LoRA2Config
 from .factors import FACTOR_NAMES, LoRA2Factors
 from .persistence import WEIGHTS_NAME, read_adapter_meta, read_adapter_tensors
-from .targets import shared_paths, tied_outside
+from .targets import shared_paths, tied_adapted, tied_outside
 
 
 @dataclass
@@ -29,6 +29,7 @@ class LoRA2Source:
     base_model_class: str | None
     where: str
     shared_paths: dict[str, list[str]] = field(default_factory=dict)  # layers registered under several parents
+    tied: dict[str, str] = field(default_factory=dict)  # adapted layers whose base weight another module shares
 
     @property
     def fan_in_fan_out(self) -> dict[str, bool]:
@@ -81,6 +82,7 @@ def source_from_model(model: Any) -> LoRA2Source:
         base_model_class=type(model.base_model).__name__,
         where="the LoRA2Model",
         shared_paths=shared_paths(model.base_model, model.lora2_layers),
+        tied=tied_adapted(model.base_model, model.lora2_layers),
     )
 
 
@@ -123,4 +125,5 @@ def read_lora2_adapter(directory: str | Path) -> LoRA2Source:
         base_model_class=meta.get("base_model_class"),
         where=f"the adapter in {directory}",
         shared_paths=dict(meta.get("shared_paths") or {}),
+        tied=dict(meta.get("tied_adapted") or {}),
     )

@@ -42,6 +42,7 @@ class RankAllocator:
         # An adapter loaded already pruned to train further: its masks are kept (applied each step), never re-grown.
         self.frozen = False
         self.resumed_from: dict[str, object] | None = None  # total_step and config of the state last loaded
+        self._warned_gap = self._warned_frozen = False
 
     # -- schedule -----------------------------------------------------------------------------
     @property
@@ -104,6 +105,29 @@ class RankAllocator:
         theta = torch.stack([p.detach().to(home) for p in params]).float()
         grad = torch.stack([(p.grad if p.grad is not None else torch.zeros_like(p)).to(home) for p in params]).float()
         return (theta * grad).abs_()
+
+    def _warn_about_gaps_and_frozen_layers(self, step: int, phase: str) -> None:
+        """Once each: steps that never reached the allocator (a loop calling it every few steps misses pruning
+        steps and the schedule then catches up in one cut), and adapters frozen by the user, whose zero gradients
+        read as zero importance, so they are pruned first and their λ zeroed."""
+        if not self._warned_gap and self.num_updates > 0 and step > self.step + 1 and phase != "final":
+            self._warned_gap = True
+            warnings.warn(
+                f"update_and_allocate(step={step}) after step {self.step}: steps {self.step + 1}-{step - 1} never "
+                "reached the allocator, so their importance is missing and pruning steps in between are skipped (the "
+                "budget then drops in one cut). Call it once per optimizer step.",
+                RuntimeWarning, stacklevel=4,
+            )
+        if not self._warned_frozen and phase != "final":
+            frozen = [n for n, layer in zip(self.names, self.layers, strict=True) if not layer.lam.requires_grad]
+            if frozen:
+                self._warned_frozen = True
+                warnings.warn(
+                    f"{len(frozen)} of {len(self.names)} adapted matrices have a frozen lam (requires_grad=False), "
+                    f"e.g. {frozen[0]}: without gradients their importance decays to 0, so the allocator prunes them "
+                    "first and zeroes their lam. Unfreeze them, or leave those modules out of target_modules.",
+                    RuntimeWarning, stacklevel=4,
+                )
 
     def check_gradients(self, step: int) -> bool:
         """Validate the tracked entries before using them. False: skip this step (non-finite gradients,
@@ -183,6 +207,12 @@ class RankAllocator:
     def importance(self) -> torch.Tensor:
         """(M, r) importance of every singular value: reduced (Eq. 9) or full (Eq. 8)."""
         if not self.ema_i:
+            if self.skipped_steps:
+                raise RuntimeError(
+                    f"No importance scores: all {self.skipped_steps} steps before the final phase had non-finite "
+                    "gradients and were skipped (an fp16 GradScaler that never found a usable scale, or a diverged "
+                    "run), so there is nothing to prune by. Check the loss scale and the learning rate."
+                )
             raise RuntimeError("No sensitivities yet: call update_and_allocate after at least one backward pass.")
         score = {n: self.ema_i[n] * self.ema_u[n] for n in INNER}
         imp = score["lam"] + score["p_inner"].mean(dim=1) + score["q_inner"].mean(dim=2)
@@ -258,6 +288,7 @@ class RankAllocator:
                     self.apply_masks()  # momentum may move a pruned lam; keep exports clean
             return None
         phase = self.phase(step)
+        self._warn_about_gaps_and_frozen_layers(step, phase)
         usable = phase == "final" or self.check_gradients(step)  # validate before any state changes
         self.step, self.num_updates = step, self.num_updates + 1
         if not usable:
@@ -312,14 +343,16 @@ class RankAllocator:
         if tuple(masks.shape) != (len(self.layers), self.config.r):
             raise ValueError(f"Allocator masks have shape {tuple(masks.shape)}, expected {(len(self.layers), self.config.r)}.")
         device = self.device
-        self.ema_i = {n: tensors[f"ema_i.{n}"].to(device) for n in INNER if f"ema_i.{n}" in tensors}
-        self.ema_u = {n: tensors[f"ema_u.{n}"].to(device) for n in INNER if f"ema_u.{n}" in tensors}
+        # copies (as torch.optim does): the EMAs update in place, and a state kept in memory (an early-stopping
+        # snapshot, one state loaded into two models) must not change under the caller
+        self.ema_i = {n: tensors[f"ema_i.{n}"].to(device, copy=True) for n in INNER if f"ema_i.{n}" in tensors}
+        self.ema_u = {n: tensors[f"ema_u.{n}"].to(device, copy=True) for n in INNER if f"ema_u.{n}" in tensors}
         self.outer_i, self.outer_u = [], []
         if "outer_i.0.p_outer" in tensors:
             for i in range(len(self.layers)):
                 own = self.layers[i].lam.device  # per-matrix statistics stay beside their matrix
-                self.outer_i.append({n: tensors[f"outer_i.{i}.{n}"].to(own) for n in OUTER})
-                self.outer_u.append({n: tensors[f"outer_u.{i}.{n}"].to(own) for n in OUTER})
+                self.outer_i.append({n: tensors[f"outer_i.{i}.{n}"].to(own, copy=True) for n in OUTER})
+                self.outer_u.append({n: tensors[f"outer_u.{i}.{n}"].to(own, copy=True) for n in OUTER})
         self.step = int(state["step"])  # type: ignore[arg-type]
         self.num_updates = int(state["num_updates"])  # type: ignore[arg-type]
         self.frozen = bool(state.get("frozen", False))

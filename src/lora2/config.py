@@ -60,7 +60,8 @@ class LoRA2Config:
     settings are ``LoRA2Config(init="gaussian", lam_lr_ratio=1)``.
 
     Training-dynamics options: ``pq_form`` picks the R_PQ term ('literal',
-    method.md §3, or 'rank', whose minimum 0 is reachable when k < r); ``lam_lr_ratio`` trains lam at
+    method.md §3, or 'rank', whose minimum 0 is reachable when k < r; the two differ by a constant, so
+    they train identically and differ only in the logged value); ``lam_lr_ratio`` trains lam at
     lr × ratio (LoRA+-style, through ``LoRA2Model.optimizer_param_groups`` and ``LoRA2Trainer``);
     ``scaling_rule`` picks the scale s of the update ('alpha/r', 'alpha/k' or 'alpha/sqrt(r)').
     """
@@ -120,7 +121,8 @@ class LoRA2Config:
         metadata={"help": "Form of the R_PQ regulariser term. 'literal' (the paper's, default): ‖PᵀP − I_r‖² + ‖QQᵀ − I_r‖², "
                   "which cannot go below r − k per term when k < r. 'rank': only the min(k, r) singular values P and Q "
                   "can have are asked to be 1, Σ(σ² − 1)², so 0 is reachable; it equals 'literal' minus max(r − k, 0) "
-                  "per term. Same k×k cost.", "choices": list(PQ_FORMS)},
+                  "per term, for any factors, so both give the same gradients (only the logged value differs). "
+                  "Same k×k cost.", "choices": list(PQ_FORMS)},
     )
     lam_lr_ratio: float = field(
         default=16.0,

@@ -15,6 +15,7 @@ No d_in×d_out matrix is formed, and reading a saved adapter needs no base-model
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,14 @@ def export_to_peft(
         raise TypeError(f"export_to_peft takes a LoRA2Model or an adapter directory, not {type(adapter).__name__}.")
     src.check()
     src.refuse_shared_paths()
+    if src.tied:
+        name, other = next(iter(src.tied.items()))
+        warnings.warn(
+            f"{name} of {src.where} adapts a weight tied to {other} ({len(src.tied)} such matrices). PEFT serves the "
+            "exported adapter correctly unmerged, but PEFT's merge_and_unload() would add the update to the shared "
+            f"weight and so change {other} too. Serve it unmerged, or untie the weight before training.",
+            UserWarning, stacklevel=2,
+        )
     if not str(out_dir).strip():
         raise ValueError("The output directory is empty (''); name the directory to write the PEFT adapter to.")
     out = Path(out_dir)

@@ -106,7 +106,9 @@ class LoRA2Layer(nn.Module):
             return result
         h = self.dropout(x.to(self.p_outer.dtype)) @ self.p_outer
         update = (h @ self.core()) @ self.q_outer
-        return result + update.to(result.dtype)
+        if update.dtype == result.dtype:
+            return result + update
+        return (result + update).to(result.dtype)  # a half base: one rounding of the sum, as PEFT does
 
     def _apply(self, fn, recurse: bool = True):  # nn.Module's signature
         """``model.half()``, ``.bfloat16()``, ``.to(torch.float16)`` cast the base layer but leave the adapter and
@@ -168,7 +170,7 @@ class LoRA2Layer(nn.Module):
         if self.merged:
             return
         weight = self.base_layer.weight
-        weight.add_(self.get_delta_weight().to(weight.dtype))
+        weight.add_(self.get_delta_weight())  # in-place promotes: W0 + Δ in float32, rounded once to W0's dtype
         self.merged = True
 
     @torch.no_grad()
@@ -176,5 +178,5 @@ class LoRA2Layer(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight.sub_(self.get_delta_weight().to(weight.dtype))
+        weight.sub_(self.get_delta_weight())
         self.merged = False

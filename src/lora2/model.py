@@ -38,7 +38,7 @@ from .targets import (
     loss_uses_item_count,
     swap_module,
     task_type,
-    tied_parameters,
+    tied_adapted,
 )
 
 logger = logging.getLogger(__name__)
@@ -350,12 +350,31 @@ class LoRA2Model(nn.Module):
         self._warn_if_regularizer_skipped()
         if self.allocator.num_updates == 0:
             self._warn_if_lam_lr_unused()
-        budget = self.allocator.update_and_allocate(step)
+        try:
+            budget = self.allocator.update_and_allocate(step)
+        except FloatingPointError as err:
+            self._blame_half_precision_parameters(err)
+            raise
         sync = is_data_parallel() if self.mask_sync is None else self.mask_sync
         if self.allocator.masks_recomputed and sync:  # only a rebuilt mask can diverge
             check_masks_agree(self.allocator.masks(), step)
             self.mask_sync_checks += 1
         return budget
+
+    def _blame_half_precision_parameters(self, err: FloatingPointError) -> None:
+        """The adapter went non-finite: if a trainable float16/bfloat16 parameter outside it did too (a
+        ``modules_to_save`` head on a half-precision base, which AdamW overflows in one step), that is the likely
+        origin, and the adapter's message would name the wrong parameter and the wrong fix."""
+        adapter = {id(p) for layer in self.lora2_layers.values() for p in layer.parameters()}
+        for name, p in self.base_model.named_parameters():
+            if (p.requires_grad and id(p) not in adapter and p.dtype in (torch.float16, torch.bfloat16)
+                    and not bool(torch.isfinite(p.detach()).all())):
+                raise FloatingPointError(
+                    f"{name} ({p.dtype}, trained outside the adapter) holds NaN/inf: with a half-precision base, "
+                    "modules_to_save copies train in that dtype, where AdamW's update overflows (the adapter itself "
+                    "stays float32). Load the base model in float32 (torch_dtype=torch.float32) or use mixed precision "
+                    f"(torch.autocast) instead of a float16 model. The adapter then diverged too: {err}"
+                ) from err
 
     def _warn_if_lam_lr_unused(self) -> None:
         """At the first step: λ's own rate exists only in optimizer_param_groups(); an optimizer over
@@ -451,8 +470,10 @@ class LoRA2Model(nn.Module):
 
     # -- merge --------------------------------------------------------------------------------
     def merge(self) -> None:
-        """Fold s·Δ into every base weight; undo with unmerge(). Exact up to the base dtype's rounding: on a float32
-        base unmerge() restores W0 to float32 rounding, on a bf16/fp16 base to that dtype's (about 1e-3 relative)."""
+        """Fold s·Δ into every base weight; undo with unmerge(). W0 + s·Δ is formed in float32 and rounded once to
+        the base dtype (as PEFT does). On a float32 base unmerge() restores W0 to float32 rounding; on a bf16/fp16
+        base each entry of W0 comes back within one rounding of W0 + s·Δ in that dtype, so the error grows with
+        |s·Δ| (bf16: about 4e-3 of |W0 + s·Δ| at worst) and does not accumulate over repeated round trips."""
         self._check_usable()
         self._refuse_tied_merge()
         for layer in self.lora2_layers.values():
@@ -481,19 +502,12 @@ class LoRA2Model(nn.Module):
     def _refuse_tied_merge(self) -> None:
         """A base weight another module also uses (a head tied to the input embeddings) cannot take s·Δ in place:
         the embeddings would change too."""
-        tied = tied_parameters(self.base_model)
-        for name, layer in self.lora2_layers.items():
-            # names under which something other than this LoRA² layer uses the weight (the same layer reached by two
-            # paths, e.g. a block registered twice, is no tie; the bare base layer at a second position is one)
-            others = [n for n in tied.get(id(layer.base_layer.weight), [])
-                      if not (n.endswith(".base_layer.weight")
-                              and self.base_model.get_submodule(n[: -len(".base_layer.weight")]) is layer)]
-            if others:
-                raise RuntimeError(
-                    f"{name}.weight is tied to {others[0]}: merging would add the update to that module too (e.g. the "
-                    "input embeddings). Keep the adapter unmerged, export it with export_to_peft, or untie the weight "
-                    "first (config.tie_word_embeddings=False and a copy of the weight for the head)."
-                )
+        for name, other in tied_adapted(self.base_model, self.lora2_layers).items():
+            raise RuntimeError(
+                f"{name}.weight is tied to {other}: merging would add the update to that module too (e.g. the "
+                "input embeddings). Keep the adapter unmerged, export it with export_to_peft (and serve it unmerged), "
+                "or untie the weight first (config.tie_word_embeddings=False and a copy of the weight for the head)."
+            )
 
     def _check_usable(self) -> None:
         if self._unloaded:

@@ -49,9 +49,17 @@ def init_from_peft_lora(model: Any, peft_adapter_dir: str | Path) -> list[str]:
         unsupported.append(f"init_lora_weights={init!r} (it replaces the base weight by a residual)")
     if cfg.get("alora_invocation_tokens"):
         unsupported.append("alora_invocation_tokens (activated LoRA applies only after those tokens)")
+    # PEFT LoRA variants whose update is more than B·A on the layers the config names: say which one, instead of
+    # failing later on a weight's name or shape
+    variants = {"use_qalora": "QA-LoRA (pooled inputs)", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
+                "kasa_config": "KaSA (an extra diagonal)", "use_bdlora": "BD-LoRA (block-diagonal factors)",
+                "arrow_config": "Arrow (routing over several LoRAs)", "megatron_config": "Megatron-parallel layers",
+                "layer_replication": "layer_replication (the adapter's model has duplicated layers)",
+                "trainable_token_indices": "trainable_token_indices (trained embedding rows, not a LoRA)"}
+    unsupported += [f"{field} = {what}" for field, what in variants.items() if cfg.get(field)]
     if unsupported:
         raise ValueError(f"The PEFT adapter uses {unsupported}: its update is not a plain B·A on the original base "
-                         "weights, so LoRA² cannot reproduce it. (For PiSSA/OLoRA-style adapters, PEFT can convert them "
+                         "weights of the named layers, so LoRA² cannot reproduce it. (For PiSSA/OLoRA-style adapters, PEFT can convert them "
                          "to plain LoRA: save with path_initial_model_for_weight_conversion.)")
     if not (directory / PEFT_WEIGHTS_NAME).is_file():
         hint = " Only safetensors are read (no pickles): re-save it with a recent PEFT." \

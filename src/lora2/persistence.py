@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, LoRA2Config
 from .factors import FACTOR_NAMES
-from .targets import shared_paths, tied_outside
+from .targets import shared_paths, tied_adapted, tied_outside
 
 if TYPE_CHECKING:
     from torch import nn
@@ -165,6 +165,7 @@ def save_adapter(model: LoRA2Model, save_directory: str | Path) -> None:
         "fan_in_fan_out": {name: layer.fan_in_fan_out for name, layer in model.lora2_layers.items()},
         # a layer one object registers under several parents runs at each path (a PEFT export cannot say that)
         "shared_paths": shared_paths(model.base_model, model.lora2_layers),
+        "tied_adapted": tied_adapted(model.base_model, model.lora2_layers),
         "modules_to_save": model.modules_to_save_names,
         "modules_to_save_tied_outside": tied_outside(model.base_model, list(model.modules_to_save_names)),
         "rank_pattern": model.rank_pattern(),
@@ -315,12 +316,13 @@ def load_adapter(cls: type[LoRA2Model], model: nn.Module, adapter_directory: str
     elif wrapped.allocator.prunes:
         alloc, active = wrapped.allocator, int(wrapped.allocator.masks().sum().item())
         if active <= alloc.b_target:
-            # pruned to its target: a new schedule would start again from b0 and bring pruned values back at λ = 0
+            # pruned to its target: a new schedule would start again from b0 and bring pruned values back
             alloc.frozen = True
         elif active < alloc.b0:
             warnings.warn(
                 f"The adapter in {directory} stopped mid-schedule ({active} of {alloc.b0} singular values active, target "
                 f"{alloc.b_target}): training it further starts a new schedule from {alloc.b0}, re-growing pruned values "
-                "at λ = 0. To continue its run, resume the checkpoint it was saved in (resume_from_checkpoint).",
+                "from the λ they were saved with (zero, or a small value the optimizer's momentum left). To continue "
+                "its run, resume the checkpoint it was saved in (resume_from_checkpoint).",
                 UserWarning, stacklevel=3)
     return wrapped

@@ -198,6 +198,21 @@ def tied_parameters(model: nn.Module) -> dict[int, list[str]]:
     return {pid: found for pid, found in names.items() if len(found) > 1}
 
 
+def tied_adapted(root: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
+    """name → another name of its base weight, for adapted layers whose weight something else also uses (a head
+    tied to the input embeddings): an update merged into that weight would change the other module too. The same
+    layer reached by two paths is no tie; the bare base layer at a second position is one."""
+    tied = tied_parameters(root)
+    found = {}
+    for name, layer in layers.items():
+        others = [n for n in tied.get(id(layer.base_layer.weight), [])
+                  if not (n.endswith(".base_layer.weight")
+                          and root.get_submodule(n[: -len(".base_layer.weight")]) is layer)]
+        if others:
+            found[name] = others[0]
+    return found
+
+
 def tied_outside(model: nn.Module, modules: list[str]) -> list[tuple[str, str]]:
     """(name inside ``modules``, a name of the same parameter outside them): ties a per-module copy would break."""
     def inside(name: str) -> bool:
