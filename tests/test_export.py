@@ -14,6 +14,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
 from lora2 import LoRA2Config, LoRA2Model, get_lora2_model
@@ -215,6 +216,46 @@ def test_corrupted_config_and_weights(saved, tmp_path):
     (saved / "lora2_config.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         export_to_peft(saved, tmp_path / "out")
+
+
+def test_a_config_of_something_else_or_without_its_module_list_is_refused(saved, tmp_path):
+    meta = json.loads((saved / "lora2_config.json").read_text())
+    (saved / "lora2_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(ValueError, match="is not a LoRA² adapter config"):
+        export_to_peft(saved, tmp_path / "out")
+    (saved / "lora2_config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "adapted_modules"}))
+    with pytest.raises(ValueError, match="no usable 'adapted_modules'"):
+        export_to_peft(saved, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["shape", "nan"])
+def test_a_factor_of_the_wrong_shape_or_not_finite_is_named(saved, tmp_path, damage):
+    tensors = load_file(str(saved / WEIGHTS_NAME))
+    key = "bert.encoder.layer.0.attention.self.query.p_inner"
+    tensors[key] = tensors[key][:, :-1].contiguous() if damage == "shape" else tensors[key].fill_(float("nan"))
+    save_file(tensors, str(saved / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        export_to_peft(saved, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_module_names_that_end_one_another_cannot_be_exported(tmp_path):
+    """PEFT matches target names as dotted suffixes: 'dense' would also adapt 'block.dense'."""
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.block = nn.Linear(8, 8), nn.Module()
+            self.block.dense = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.block.dense(self.dense(x))
+
+    model = get_lora2_model(Two(), LoRA2Config(k=1, r=2, target_modules=["dense"]))
+    assert sorted(model.lora2_layers) == ["block.dense", "dense"]
+    with pytest.raises(ValueError, match=r"'dense' and 'block\.dense' cannot both be told apart"):
+        export_to_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_tensor_is_named(saved, tmp_path):

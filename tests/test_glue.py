@@ -260,8 +260,14 @@ def test_the_saved_adapter_reloads_as_the_readme_says(method, tmp_path, tiny_mod
         model = base
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     dev = read_tsv("rte", "dev", glue_dir)[:40]
-    loader = torch.utils.data.DataLoader(Encoded(dev, tokenizer, 48, False), batch_size=64, collate_fn=_collate(tokenizer))
+    encoded = Encoded(dev, tokenizer, 48, False)
+    loader = torch.utils.data.DataLoader(encoded, batch_size=64, collate_fn=_collate(tokenizer))
     assert evaluate(model, {"dev": loader}, get_task("rte"), "cpu", False) == results["final"]
+    # what --max-length cut, counted independently: pairs longer than 48 tokens before truncation
+    longer = sum(len(tokenizer(*ex.texts)["input_ids"]) > 48 for ex in dev)
+    assert 0 < longer < len(dev) and encoded.truncated == longer
+    assert results["truncated_by_max_length"]["dev"] == {"count": longer, "fraction": round(longer / len(dev), 4)}
+    assert 0 <= results["truncated_by_max_length"]["train"]["count"] <= results["train_examples"]
     with torch.no_grad():  # and a forward with labels, as the 🤗 Trainer's evaluation makes (peft#571 for AdaLoRA)
         assert torch.isfinite(model(**next(iter(loader))).loss)
 
@@ -375,7 +381,8 @@ def test_metrics_follow_the_glue_definitions():
     got = compute_metrics(stsb, scores[:, None], gold)
     assert got["pearson"] == pytest.approx(np.corrcoef(scores, gold)[0, 1])
     assert got["spearman"] == pytest.approx(0.8)  # ranks 1 2 3 4 vs 2 1 3 4
-    assert compute_metrics(stsb, np.ones((4, 1)), gold) == {"pearson": 0.0, "spearman": 0.0}
+    with pytest.warns(RuntimeWarning, match=r"every dev prediction is 1 \(a collapsed regression head\)"):
+        assert compute_metrics(stsb, np.ones((4, 1)), gold) == {"pearson": 0.0, "spearman": 0.0}
     # a diverged model's NaN outputs are no majority-class run: every metric is NaN (the protocol ranks it last)
     nan_logits = np.full((6, 2), np.nan)
     assert all(np.isnan(v) for v in compute_metrics(mrpc, nan_logits, labels).values())
@@ -393,6 +400,24 @@ def test_malformed_row_names_file_and_line(tmp_path):
     root = _write(tmp_path, "RTE", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tonly two\n")
     with pytest.raises(GlueDataError, match=r"RTE/train.tsv:3: expected at least 4"):
         read_tsv("rte", "train", root)
+
+
+def test_an_empty_line_between_rows_is_an_error_but_not_at_the_end(tmp_path):
+    rows = "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n"
+    root = _write(tmp_path, "RTE", rows + "\n1\tc\td\tnot_entailment\n")
+    with pytest.raises(GlueDataError, match=r"RTE/train.tsv:3: an empty line between rows"):
+        read_tsv("rte", "train", root)
+    _write(tmp_path, "RTE", rows + "\n\n")  # trailing blank lines are harmless
+    assert len(read_tsv("rte", "train", root)) == 1
+
+
+def test_a_cola_header_line_and_a_short_row_say_what_the_layout_is(tmp_path):
+    root = _write(tmp_path, "CoLA", "source\tlabel\tnote\tsentence\nsrc\t1\t\tFine.\n")
+    with pytest.raises(GlueDataError, match=r"CoLA/train.tsv:1: label 'label' .*no header line: remove it"):
+        read_tsv("cola", "train", root)
+    _write(tmp_path, "CoLA", "src\t1\n")
+    with pytest.raises(GlueDataError, match=r"train.tsv:1: expected at least 4 .*text in column 3, label in column 1"):
+        read_tsv("cola", "train", root)
 
 
 def test_bad_label_names_file_and_line(tmp_path):

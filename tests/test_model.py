@@ -475,3 +475,40 @@ def test_merging_a_run_cut_before_its_budget_warns():
     with pytest.warns(RuntimeWarning, match=r"at step 20 of a 100-step schedule, before pruning reached its "
                                             r"target \(\d+ singular values active, target 12\)"):
         model.merge_and_unload()
+
+
+@pytest.mark.parametrize("enable", ["before wrapping", "after wrapping"])
+def test_reentrant_gradient_checkpointing_still_trains_lam(enable):
+    """Reentrant checkpointing keeps a block's gradients only if its input requires grad; with frozen patch
+    embeddings nothing did, and every λ got no task gradient (loss looked normal). The wrapper now makes the input
+    embeddings' output require grad once checkpointing is on, as PEFT does."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def build():
+        torch.manual_seed(0)
+        cfg = ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=40, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        return ViTForImageClassification(cfg)
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        base = build()
+        config = LoRA2Config(k=2, r=4, target_modules=["q_proj", "v_proj", "fc1"], modules_to_save=["classifier"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames gradient_checkpointing_enable
+            if checkpointing and enable == "before wrapping":
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model = get_lora2_model(base, config)
+            if checkpointing and enable == "after wrapping":
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.train()
+        randomize_adapters(model)
+        torch.manual_seed(1)
+        out = model(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 2]))
+        out.loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    lam = [n for n in plain if n.endswith(".lam")]
+    assert len(lam) == 6 and all(checkpointed[n] is not None and checkpointed[n].abs().max() > 0 for n in lam)
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, rtol=1e-5, atol=1e-7)

@@ -173,7 +173,9 @@ class RankAllocator:
         if not lam_nonzero:
             warnings.warn(
                 f"update_and_allocate(step={step}): every gradient of lam is zero. If zero_grad() ran before this call, "
-                "importance is meaningless and pruning would follow position; call it before zero_grad().",
+                "importance is meaningless and pruning would follow position; call it before zero_grad(). (Reentrant "
+                "gradient checkpointing on a model whose inputs do not require grad does the same: LoRA2Model's forward "
+                "turns that on for 🤗 models; a custom model needs its first block's input to require grad.)",
                 RuntimeWarning, stacklevel=4,
             )
         return True

@@ -93,6 +93,10 @@ def _glue(ns: argparse.Namespace) -> int:
     print(f"dev {metric}: final {results['final'][metric]:.4f}, best {results['best'][metric]:.4f} "
           f"at step {results['best']['step']}")
     out = results["hyperparameters"]["output_dir"] or f"runs/{results['task']}-{results['method']}-s{results['seed']}"
+    cut = results.get("truncated_by_max_length") or {}
+    if cut:
+        print(f"--max-length {results['hyperparameters']['max_length']} cut "
+              + ", ".join(f"{c['count']} {split} examples ({100 * c['fraction']:.1f}%)" for split, c in cut.items()))
     print(f"results: {out}/results.json")
     print(f"learning curve: {results['learning_curve']}")
     if results["heatmap"]:

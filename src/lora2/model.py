@@ -127,6 +127,7 @@ class LoRA2Model(nn.Module):
         # A 🤗 model loads in eval mode: the wrapper follows the base, each new layer its own base layer, and no
         # submodule's mode is touched (a part kept in eval on purpose stays so).
         self.training = model.training
+        self._input_grads_hooked = False
         for layer in self.lora2_layers.values():
             layer.training = layer.base_layer.training
             layer.dropout.train(layer.base_layer.training)
@@ -271,6 +272,20 @@ class LoRA2Model(nn.Module):
                     "Restore the config's values, or wrap a fresh base model with the new ones."
                 )
 
+    @torch.compiler.disable
+    def _inputs_require_grad_under_checkpointing(self) -> None:
+        """Reentrant gradient checkpointing (transformers 4.x's default, ``use_reentrant=True`` in 5.x) keeps a
+        block's gradients only if its input requires grad; with a frozen embedding nothing does, and λ, inside
+        every block, silently got no task gradient. As PEFT does, make the input embeddings' output require grad
+        once checkpointing is on (checked per training forward: it may be switched on after wrapping)."""
+        if self._input_grads_hooked:
+            return
+        base = self.base_model
+        on = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+        if on and callable(getattr(base, "enable_input_require_grads", None)):
+            base.enable_input_require_grads()
+            self._input_grads_hooked = True
+
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model; in training mode add γ·R to its loss whenever it computes one (method.md §3).
 
@@ -286,6 +301,7 @@ class LoRA2Model(nn.Module):
             )
         if learning:
             self._note_training_forward()
+            self._inputs_require_grad_under_checkpointing()
         outputs = self.base_model(*args, **kwargs)
         gamma = self.lora2_config.orth_reg_weight
         if not self.regularizer_in_loss or gamma == 0 or not self.lora2_config.orth_terms or not self.training \

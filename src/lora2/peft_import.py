@@ -59,8 +59,8 @@ def init_from_peft_lora(model: Any, peft_adapter_dir: str | Path) -> list[str]:
     unsupported += [f"{field} = {what}" for field, what in variants.items() if cfg.get(field)]
     if unsupported:
         raise ValueError(f"The PEFT adapter uses {unsupported}: its update is not a plain B·A on the original base "
-                         "weights of the named layers, so LoRA² cannot reproduce it. (For PiSSA/OLoRA-style adapters, PEFT can convert them "
-                         "to plain LoRA: save with path_initial_model_for_weight_conversion.)")
+                         "weights of the named layers, so LoRA² cannot reproduce it. (For PiSSA/OLoRA-style adapters, "
+                         "PEFT can convert them to plain LoRA: save with path_initial_model_for_weight_conversion.)")
     if not (directory / PEFT_WEIGHTS_NAME).is_file():
         hint = " Only safetensors are read (no pickles): re-save it with a recent PEFT." \
             if (directory / "adapter_model.bin").is_file() else ""

@@ -53,8 +53,18 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
         return score
     assert task.labels is not None
     if raw not in task.labels:
-        raise GlueDataError(f"{where}: label {raw!r} is not one of {list(task.labels)} for {task.name}.")
+        hint = (f" GLUE's {task.name} files have no header line: remove it." if not task.header
+                and where.endswith(":1") and not raw.lstrip("-").isdigit() else "")
+        raise GlueDataError(f"{where}: label {raw!r} is not one of {list(task.labels)} for {task.name}.{hint}")
     return task.labels.index(raw)
+
+
+def _layout(task: GlueTask) -> str:
+    """The columns a row must have, for messages: names (files with a header) or 0-based positions."""
+    if task.header:
+        return "columns " + ", ".join((*task.text_columns, task.label_column))
+    texts = ", ".join(f"text in column {c}" for c in task.text_columns)
+    return f"{texts}, label in column {task.label_column}, counting from 0"
 
 
 def read_tsv(task: GlueTask | str, split: str, data_dir: str | Path) -> list[Example]:
@@ -103,12 +113,18 @@ def _read_rows(task: GlueTask, path: Path, examples: list[Example]) -> None:
             label_idx = int(task.label_column)
             width = max(*text_idx, label_idx) + 1
         needed = max(*text_idx, label_idx) + 1
+        blank = None  # an empty line is fine at the end of the file only
         for row in reader:
             where = f"{path}:{reader.line_num}"
             if not row or row == [""]:
+                blank = blank or where
                 continue
+            if blank is not None:
+                raise GlueDataError(f"{blank}: an empty line between rows; GLUE's files have none (a row lost its text, "
+                                    "or two files were joined?). Remove the line or restore the row.")
             if len(row) < needed:
-                raise GlueDataError(f"{where}: expected at least {needed} tab-separated fields, found {len(row)}.")
+                raise GlueDataError(f"{where}: expected at least {needed} tab-separated fields ({_layout(task)}), found "
+                                    f"{len(row)}.")
             if len(row) > width:  # a tab inside a text field would silently cut it
                 raise GlueDataError(f"{where}: {len(row)} tab-separated fields, more than the {width} of "
                                     f"{task.name}'s layout (a tab inside a sentence?).")
@@ -149,9 +165,13 @@ def load_split(task: GlueTask | str, split: str, data_dir: str | Path | None = N
             near = [p.name for p in directory.iterdir() if p.is_dir() and p.name.lower() == task.dirname.lower()]
             hint = f" (found {near[0]}/: the GLUE layout spells it {task.dirname}/)" if near and near[0] != \
                 task.dirname else ""
+            offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                          for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+            other = (f", or go online (the hub is off: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and unset {source} to "
+                     f"download {HF_DATASET!r}" if offline else
+                     f", or unset {source} to download {HF_DATASET!r} from the hub instead")
             raise FileNotFoundError(
-                f"{source} {directory} has no {task.name} {split} split: expected {path}{hint}. Add the file, or "
-                f"unset {source} to download {HF_DATASET!r} from the hub instead.")
+                f"{source} {directory} has no {task.name} {split} split: expected {path}{hint}. Add the file{other}.")
         return read_tsv(task, split, directory)
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     remedy = (

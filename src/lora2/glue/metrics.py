@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
@@ -28,6 +29,10 @@ def compute_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray)
         return {name: math.nan for name in names}
     if task.is_regression:
         scores = predictions.reshape(len(predictions), -1)[:, 0].astype(np.float64)
+        if np.ptp(scores) == 0:
+            warnings.warn(f"{task.name.upper()}: every dev prediction is {scores[0]:g} (a collapsed regression head): "
+                          "Pearson and Spearman are undefined and reported as 0. Check the learning rate.",
+                          RuntimeWarning, stacklevel=2)
         return {
             "pearson": _finite(pearsonr(scores, labels.astype(np.float64))[0]) if np.ptp(scores) > 0 else 0.0,
             "spearman": _finite(spearmanr(scores, labels)[0]) if np.ptp(scores) > 0 else 0.0,

@@ -89,6 +89,9 @@ class Encoded(torch.utils.data.Dataset):
     def __init__(self, examples: list[Example], tokenizer: Any, max_length: int, regression: bool) -> None:
         columns = list(zip(*(e.texts for e in examples), strict=True))
         self.enc = tokenizer(*columns, truncation=True, max_length=max_length)
+        # how many examples --max-length cuts (a second, untruncated pass: lengths only)
+        full = tokenizer(*columns, truncation=False, verbose=False)["input_ids"]
+        self.truncated = sum(len(ids) > max_length for ids in full)
         dtype = torch.float32 if regression else torch.long
         self.labels = torch.tensor([e.label for e in examples], dtype=dtype)
 
@@ -175,6 +178,7 @@ class PreparedRun:
     model_path: str
     train_size: int
     device: str
+    truncated: dict[str, dict[str, float]]  # split → examples cut by --max-length (count, fraction)
 
 
 def prepare_run(args: GlueArgs) -> PreparedRun:
@@ -233,8 +237,10 @@ def prepare_run(args: GlueArgs) -> PreparedRun:
                             progress=not args.no_progress, description=f"{task.name} {args.method}",
                             identity={**{k: v for k, v in args.flat().items() if k not in NOT_IDENTITY},
                                       **args.lora2_settings(total_steps)})  # resolved: a changed default counts
+    cut = {"train": train_set, **{s: loader.dataset for s, loader in eval_loaders.items()}}
+    truncated = {s: {"count": d.truncated, "fraction": round(d.truncated / len(d), 4)} for s, d in cut.items()}
     return PreparedRun(task, method, train_loader, eval_loaders, gen, optimizer, scheduler, settings, lr, warmup,
-                       model_path, len(train_set), device)
+                       model_path, len(train_set), device, truncated)
 
 
 def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] | None:
@@ -256,6 +262,10 @@ def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] 
             "--output-dir, pass --overwrite-output-dir to replace that run, or --resume-from-checkpoint last to "
             "continue it.")
     p = prepare_run(args)
+    if p.settings.progress and any(c["count"] for c in p.truncated.values()):
+        print(f"{p.task.name.upper()}: --max-length {args.max_length} cuts "
+              + ", ".join(f"{c['count']} of the {split} examples ({100 * c['fraction']:.1f}%)"
+                          for split, c in p.truncated.items()), file=sys.stderr)
     clear_earlier_run(earlier)  # only now: a run that fails to start leaves the earlier one intact
     total_steps = p.settings.total_steps
     created = not out_dir.exists()
@@ -281,11 +291,12 @@ def run_glue(args: GlueArgs, stop_at_step: int | None = None) -> dict[str, Any] 
     if state is None:
         return None
     return finish(args, p.task, p.method, state, out_dir, p.model_path, p.device, p.lr, p.warmup, total_steps,
-                  p.train_size)
+                  p.train_size, p.truncated)
 
 
 def finish(args: GlueArgs, task: GlueTask, method: Any, state: LoopState, out_dir: Path, model_path: str, device: str,
-           lr: float, warmup: int, total_steps: int, train_examples: int) -> dict[str, Any]:
+           lr: float, warmup: int, total_steps: int, train_examples: int,
+           truncated: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """Save the adapter and the plots, then write results.json."""
     from .plots import save_heatmap, save_learning_curve
 
@@ -310,6 +321,7 @@ def finish(args: GlueArgs, task: GlueTask, method: Any, state: LoopState, out_di
         "trainable_params": method.trainable_parameters(),
         "adapter_params": method.adapter_parameters(),  # trainable, head excluded
         "train_examples": train_examples,
+        "truncated_by_max_length": truncated,  # per split: examples longer than --max-length, cut to it
         "data_source": data_source(args.data_dir),
         "final": {k: v for k, v in final.items() if k != "step"},
         # no evaluation scored (every one NaN: a diverged model): the best is the final one, NaN
