@@ -128,6 +128,7 @@ class LoRA2Model(nn.Module):
         # submodule's mode is touched (a part kept in eval on purpose stays so).
         self.training = model.training
         self._input_grads_hooked = False
+        self._checkpointable: list[nn.Module] | None = None  # modules with a gradient_checkpointing flag
         for layer in self.lora2_layers.values():
             layer.training = layer.base_layer.training
             layer.dropout.train(layer.base_layer.training)
@@ -281,7 +282,9 @@ class LoRA2Model(nn.Module):
         if self._input_grads_hooked:
             return
         base = self.base_model
-        on = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+        if self._checkpointable is None:  # transformers sets the flag only on modules that define it in __init__
+            self._checkpointable = [m for m in base.modules() if "gradient_checkpointing" in vars(m)]
+        on = any(m.gradient_checkpointing is True for m in self._checkpointable)
         if on and callable(getattr(base, "enable_input_require_grads", None)):
             base.enable_input_require_grads()
             self._input_grads_hooked = True

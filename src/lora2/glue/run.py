@@ -220,7 +220,10 @@ def prepare_run(args: GlueArgs) -> PreparedRun:
     method = build_method(args, base, total_steps)
     method.model.to(device)
     lr = args.learning_rate_or_default()
-    optimizer = torch.optim.AdamW(method.param_groups(lr, args.weight_decay), lr=lr, weight_decay=args.weight_decay)
+    # foreach: one multi-tensor update instead of a Python loop over LoRA²'s ~5 tensors per matrix (CPU's default is
+    # the loop); the same numbers, bit for bit
+    optimizer = torch.optim.AdamW(method.param_groups(lr, args.weight_decay), lr=lr, weight_decay=args.weight_decay,
+                                  foreach=True)
     warmup = args.warmup_steps if args.warmup_steps is not None else round(0.06 * total_steps)
     if args.max_steps is None and warmup >= total_steps:  # with --max-steps GlueArgs already said so
         warnings.warn(f"--warmup-steps {warmup} is not shorter than the {total_steps} steps --epochs "
