@@ -203,6 +203,21 @@ def test_missing_adapter_directory(tmp_path):
         export_to_peft(tmp_path / "nope", tmp_path / "out")
 
 
+# LoraConfig's fields in PEFT 0.13.2, the oldest PEFT pyproject allows: an unknown key makes its from_pretrained fail
+PEFT_013_LORA_FIELDS = {
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode",
+    "init_lora_weights", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",
+    "lora_dropout", "megatron_config", "megatron_core", "modules_to_save", "peft_type", "r", "rank_pattern",
+    "revision", "runtime_config", "target_modules", "task_type", "use_dora", "use_rslora"}
+
+
+def test_the_exported_config_loads_in_the_oldest_supported_peft(tmp_path):
+    for exact in (False, True):
+        export_to_peft(trained_lora2("bert"), tmp_path / str(exact), exact_rank=exact)
+        keys = set(json.loads((tmp_path / str(exact) / PEFT_CONFIG_NAME).read_text()))
+        assert keys <= PEFT_013_LORA_FIELDS, keys - PEFT_013_LORA_FIELDS
+
+
 def test_directory_without_lora2_config_points_at_peft(tmp_path):
     export_to_peft(trained_lora2("bert"), tmp_path / "peft")
     with pytest.raises(FileNotFoundError, match=r"no lora2_config.json.*PEFT adapter already"):

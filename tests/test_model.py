@@ -492,7 +492,8 @@ def test_reentrant_gradient_checkpointing_still_trains_lam(enable):
 
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         base = build()
-        config = LoRA2Config(k=2, r=4, target_modules=["q_proj", "v_proj", "fc1"], modules_to_save=["classifier"])
+        names = ["q_proj", "v_proj", "fc1", "query", "value", "intermediate.dense"]  # transformers 5's and 4's ViT
+        config = LoRA2Config(k=2, r=4, target_modules=names, modules_to_save=["classifier"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames gradient_checkpointing_enable
             if checkpointing and enable == "before wrapping":

@@ -165,6 +165,8 @@ def _no_dropout(model):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "dropout_prob", None), float):  # transformers 4's SDPA attention reads this
+            module.dropout_prob = 0.0
     return model
 
 

@@ -181,11 +181,10 @@ def export_to_peft(
         "alpha_pattern": dict(ranks) if exact_rank else {},
         "use_rslora": False,
         "use_dora": False,
-        "lora_bias": False,
+        # (no "lora_bias"/"exclude_modules": their defaults, and fields PEFT 0.13 does not know and refuses)
         "bias": "none",
         "lora_dropout": src.config.dropout,
         "target_modules": kept,
-        "exclude_modules": None,
         "modules_to_save": list(src.modules_to_save) or None,
         # PEFT sets this per layer from the layer type (it warns and flips it for a layer of the other
         # kind), so a mix of Conv1D and Linear loads correctly; record what most layers are.

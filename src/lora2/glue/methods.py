@@ -219,6 +219,11 @@ class AdaLoRAMethod(PeftMethod):
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hf = self.model.get_base_model()
+        if not self.model.peft_config["default"].orth_reg_weight:
+            # γ = 0 adds nothing, and PEFT up to 0.18 refuses a zero weight inside AdaLoraModel.forward
+            loss = hf(**batch).loss
+            self._task = loss.detach().clone()
+            return loss
         recorder = _TaskLossRecorder(hf)
         hf.forward = recorder  # for this call only: nothing stays on the module to copy, pickle or replicate
         try:
