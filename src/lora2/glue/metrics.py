@@ -33,9 +33,10 @@ def compute_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray)
             warnings.warn(f"{task.name.upper()}: every dev prediction is {scores[0]:g} (a collapsed regression head): "
                           "Pearson and Spearman are undefined and reported as 0. Check the learning rate.",
                           RuntimeWarning, stacklevel=2)
+            return {"pearson": 0.0, "spearman": 0.0}
         return {
-            "pearson": _finite(pearsonr(scores, labels.astype(np.float64))[0]) if np.ptp(scores) > 0 else 0.0,
-            "spearman": _finite(spearmanr(scores, labels)[0]) if np.ptp(scores) > 0 else 0.0,
+            "pearson": _finite(pearsonr(scores, labels.astype(np.float64))[0]),
+            "spearman": _finite(spearmanr(scores, labels)[0]),
         }
     classes = predictions.argmax(axis=-1) if predictions.ndim == 2 else predictions.astype(int)
     out: dict[str, float] = {}
