@@ -5,6 +5,8 @@ Table 4, reduced vs full importance) plus LoRA² training dynamics, on a CPU, ov
                                   [--variants V,...] [--max-runs N] [--shard I/N] [--workers N] [--dry-run] ...
     python benchmarks/glue.py tables      # results/glue_v2/tables.md, and the plots
     python benchmarks/glue.py plots       # results/glue_v2/plots/*.png
+    python benchmarks/glue.py --results-dir results/glue_v2_gpu combine --seeds-from results/glue_v2
+                                          # seeds of two devices in one table (results/glue_v2_gpu/combined.md)
 
 ``benchmarks/glue_protocol.json`` says what to run (per-task budgets, methods with their lr grids,
 groups, the lr-selection rule, the priority order). ``run`` trains the runs that can train now, one at a
@@ -256,6 +258,16 @@ def cmd_plots(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_combine(ns: argparse.Namespace) -> int:
+    import glue_combine
+
+    primary = Path(ns.results_dir)
+    out = Path(ns.out) if ns.out else primary / glue_combine.COMBINED
+    print(glue_combine.write_combined(load_protocol(ns.protocol), primary, Path(ns.seeds_from), out, ns.only,
+                                      _command(), ns.protocol))
+    return 0
+
+
 def _csv(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
@@ -292,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-tables", action="store_true", help="Do not rewrite tables and plots.")
     sub.add_parser("tables", help="Write tables.md (and the plots) from the result files.")
     sub.add_parser("plots", help="Write the learning-curve and update-norm plots from the result files.")
+    combine = sub.add_parser("combine", allow_abbrev=False,
+                             help="One table from --results-dir (the lr search's) and a second directory trained at "
+                                  "its learning rates: each seed from the first where it has it, else the second.")
+    combine.add_argument("--seeds-from", required=True, metavar="RESULTS_DIR",
+                         help="The second directory (its lr_source.json must name --results-dir).")
+    combine.add_argument("--only", type=_csv, help="Comma-separated groups (default: table1).")
+    combine.add_argument("--out", help="Markdown file to write (default: <results-dir>/combined.md).")
     return ap
 
 
@@ -310,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tables: {_write_report(load_protocol(ns.protocol), ns, plots=True)}")
         return code
     try:
-        return {"run": cmd_run, "tables": cmd_tables, "plots": cmd_plots}[ns.command](ns)
+        return {"run": cmd_run, "tables": cmd_tables, "plots": cmd_plots, "combine": cmd_combine}[ns.command](ns)
     except ValueError as err:  # a bad protocol or lr_source.json (a run's own errors are caught per run)
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -743,3 +743,41 @@ def test_tasks_and_seeds_outside_the_protocol_are_errors_not_empty_selections(pr
     with pytest.raises(ValueError, match=r"Seed\(s\) \[7\] are not in the protocol"):
         gp.select(runs, protocol, seeds=[7])
     assert {r.task for r in gp.select(runs, protocol, tasks=["STS-B"])} == {"stsb"}  # lora2 glue's spelling
+
+
+def test_combine_takes_each_missing_seed_from_a_directory_at_the_same_lr(tmp_path, capsys, protocol):
+    """`combine`: seeds the primary (search) directory lacks come from a second directory trained at its lrs;
+    the primary's own seeds win; a run both trained is listed with its difference; a second directory with its
+    own lrs is refused."""
+    import glue_combine
+
+    runs = {r.name: r for r in gp.expand(protocol)}
+    gpu, cpu = tmp_path / "gpu", tmp_path / "cpu"
+    on_gpu, on_cpu = {"gpu": "NVIDIA H100 80GB HBM3"}, {"gpu": None}
+    for lr, final in ((0.0003, 0.70), (0.001, 0.78), (0.003, 0.75)):  # the grid chooses 0.001
+        put(gpu, runs[f"table1/mrpc-lora2-lr{lr:g}-s0"], lr, fake("mrpc", final) | {"environment": on_gpu})
+    put(gpu, runs["table1/mrpc-lora2-s1"], 0.001, fake("mrpc", 0.80) | {"environment": on_gpu})
+    glue_plan.set_lr_source(cpu, gpu, protocol)
+    put(cpu, runs["table1/mrpc-lora2-lr0.001-s0"], 0.001, fake("mrpc", 0.77) | {"environment": on_cpu})
+    put(cpu, runs["table1/mrpc-lora2-s1"], 0.001, fake("mrpc", 0.50) | {"environment": on_cpu})  # the GPU's wins
+    put(cpu, runs["table1/mrpc-lora2-s2"], 0.001, fake("mrpc", 0.82) | {"environment": on_cpu})
+    out = tmp_path / "combined.md"
+    assert bench.main(["--results-dir", str(gpu), "combine", "--seeds-from", str(cpu), "--out", str(out)]) == 0
+    lines = out.read_text(encoding="utf-8").splitlines()
+    final, best = [line for line in lines if line.startswith("| LoRA² (k=1, r=8), defaults")][:2]
+    assert final.split(" | ")[2] == best.split(" | ")[2] == "80.00 ± 2.00"  # 78 (GPU s0), 80 (GPU s1), 82 (CPU s2)
+    assert any(line.startswith("| LoRA² (k=1, r=8), defaults") and "| 0:H100 1:H100 2:CPU |" in line for line in lines)
+    assert "| table1/mrpc-lora2-lr0.001-s0 | 0.001 | 78.00 | 77.00 | -1.00 |" in lines
+    assert "| table1/mrpc-lora2-s1 | 0.001 | 80.00 | 50.00 | -30.00 |" in lines
+    assert any(line.startswith("2 pairs: mean difference -15.50, sd 20.51") for line in lines)
+    plan = glue_combine.combined_plan(protocol, gpu, cpu)
+    assert [r["final"]["accuracy"] for r in plan.cell("table1", "lora2", "mrpc")] == [0.78, 0.80, 0.82]
+    assert plan.cell("table1", "lora1", "mrpc") == []
+    (tmp_path / "own").mkdir()
+    capsys.readouterr()
+    assert bench.main(["--results-dir", str(gpu), "combine", "--seeds-from", str(tmp_path / "own")]) == 2
+    assert "learning rates are not the ones" in capsys.readouterr().err and not (gpu / "combined.md").exists()
+    with pytest.raises(ValueError, match="name that directory as the primary"):
+        glue_combine.combined_plan(protocol, cpu, cpu)
+    with pytest.raises(ValueError, match="unknown group"):
+        glue_combine.render_combined(protocol, gpu, cpu, ["nope"])
