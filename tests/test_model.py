@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -114,6 +115,29 @@ def test_an_adapter_from_before_a_field_existed_keeps_the_settings_it_trained_wi
     old = LoRA2Model.from_pretrained(build("bert")[0], tmp_path, is_trainable=True).lora2_config
     assert (old.lam_lr_ratio, old.init) == (1.0, "gaussian")
     assert LoRA2Config().lam_lr_ratio == 16.0 and LoRA2Config().init == "orthogonal"  # new configs: the defaults
+
+
+def test_an_adapter_from_a_newer_lora2_names_the_upgrade(tmp_path):
+    """A field this lora2 does not have may change the math: refused, naming the saving version and the upgrade
+    (from_pretrained and LoRA2Config.from_json_file); the same field in an adapter of this version is corruption."""
+    from lora2 import __version__
+
+    _, model = build("bert")
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "lora2_config.json").read_text())
+    meta["config"]["pissa_init"] = True
+    meta["version"] = "99.1.0"
+    (tmp_path / "lora2_config.json").write_text(json.dumps(meta))
+    upgrade = (rf"saved by lora2 99\.1\.0, whose config field\(s\) \['pissa_init'\] the installed lora2 "
+               rf"{re.escape(__version__)} does not have; upgrade lora2 \(pip install -U 'lora2>=99\.1\.0'\)")
+    with pytest.raises(ValueError, match=upgrade):
+        LoRA2Model.from_pretrained(build("bert")[0], tmp_path)
+    with pytest.raises(ValueError, match=upgrade):
+        LoRA2Config.from_json_file(tmp_path / "lora2_config.json")
+    meta["version"] = __version__
+    (tmp_path / "lora2_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"Unknown LoRA2Config field\(s\) \['pissa_init'\]"):
+        LoRA2Model.from_pretrained(build("bert")[0], tmp_path)
 
 
 def test_generate_passes_through():

@@ -39,6 +39,18 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+def _newer(version: Any) -> bool:
+    """Whether ``version`` (as an adapter recorded it) is later than the installed lora2."""
+    from packaging.version import InvalidVersion, Version
+
+    from . import __version__
+
+    try:
+        return Version(str(version)) > Version(__version__)
+    except InvalidVersion:
+        return False
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -284,11 +296,20 @@ class LoRA2Config:
         return cls(**data)
 
     @classmethod
-    def from_adapter_dict(cls, data: Any) -> LoRA2Config:
+    def from_adapter_dict(cls, data: Any, saved_by: str | None = None) -> LoRA2Config:
         """The ``config`` of a saved adapter: a field the adapter's lora2 did not have yet takes the value that
-        version trained with (``FIELDS_BEFORE_THEY_EXISTED``), not today's default."""
+        version trained with (``FIELDS_BEFORE_THEY_EXISTED``), not today's default. ``saved_by``: the lora2
+        version that saved it; fields from a newer version are refused with the upgrade to make (they may
+        change the math, so dropping them could load a different adapter)."""
         if isinstance(data, dict):
             data = {**FIELDS_BEFORE_THEY_EXISTED, **data}
+            unknown = sorted(set(data) - {f.name for f in fields(cls)})
+            if unknown and saved_by is not None and _newer(saved_by):
+                from . import __version__
+
+                raise ValueError(f"This adapter was saved by lora2 {saved_by}, whose config field(s) {unknown} "
+                                 f"the installed lora2 {__version__} does not have; upgrade lora2 "
+                                 f"(pip install -U 'lora2>={saved_by}') to load it.")
         return cls.from_dict(data)
 
     def to_json_string(self) -> str:
@@ -304,5 +325,5 @@ class LoRA2Config:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); the file may be truncated or corrupted.") from None
         if isinstance(data, dict) and data.get("library") == "lora2":  # an adapter file: config plus metadata
-            return cls.from_adapter_dict(data.get("config"))
+            return cls.from_adapter_dict(data.get("config"), data.get("version"))
         return cls.from_dict(data)

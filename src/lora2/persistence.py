@@ -232,7 +232,7 @@ def read_adapter_meta(directory: Path) -> tuple[dict[str, Any], LoRA2Config]:
             meta = read_json(pending[0])  # a save killed between its two renames: its config was complete
     if not isinstance(meta, dict) or meta.get("library") != "lora2" or "config" not in meta:
         raise ValueError(f"{directory / CONFIG_NAME} is not a LoRA² adapter config (no 'library': 'lora2' / 'config').")
-    return meta, LoRA2Config.from_adapter_dict(meta["config"])
+    return meta, LoRA2Config.from_adapter_dict(meta["config"], meta.get("version"))
 
 
 def read_adapter_tensors(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
