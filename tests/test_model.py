@@ -140,6 +140,32 @@ def test_an_adapter_from_a_newer_lora2_names_the_upgrade(tmp_path):
         LoRA2Model.from_pretrained(build("bert")[0], tmp_path)
 
 
+def test_forward_is_a_bound_method_that_accelerates_mixed_precision_can_unwrap():
+    """accelerate's bf16 prepare wraps ``forward.__func__``; ``unwrap_model(keep_fp32_wrapper=False)`` binds the
+    innermost function to the model again. A forward without ``self`` then got the model as its first input
+    ("got multiple values for argument 'input_ids'")."""
+    import inspect
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    _, model = build("bert")
+    randomize_adapters(model, std=0.1)
+    model.eval()
+    ids = torch.randint(1, 100, (2, 8))
+    expected = model(input_ids=ids).logits
+    assert list(inspect.signature(model.forward).parameters)[:2] == ["input_ids", "attention_mask"]
+    try:
+        accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+        prepared = accelerator.prepare(model)
+        assert prepared(input_ids=ids).logits.dtype == torch.float32
+        plain = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=0, atol=0)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
 def test_generate_passes_through():
     _, model = build("llama")
     randomize_adapters(model, std=0.1)
@@ -430,6 +456,26 @@ def test_loading_an_adapter_into_a_merged_model_keeps_the_base_weights(tmp_path)
     assert all(layer.merged for layer in other.lora2_layers.values())
     torch.testing.assert_close(other(**batch).logits, expected, rtol=1e-5, atol=1e-5)
     other.unmerge()
+    for name, layer in other.lora2_layers.items():
+        torch.testing.assert_close(layer.base_layer.weight, reference.get_submodule(name).weight, rtol=0, atol=1e-6)
+
+
+def test_load_state_dict_into_a_merged_model_keeps_the_adapter_and_w0():
+    """nn.Module.load_state_dict wrote the unmerged base weights over W0 + Δ while the layers stayed flagged
+    merged: the adapter vanished from the output, and unmerge() then left W0 − Δ."""
+    reference, model = build("bert")
+    randomize_adapters(model, seed=1)
+    batch = inputs_for("bert")
+    expected = model(**batch).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # an unmerged checkpoint
+    _, other = build("bert")
+    randomize_adapters(other, seed=2)
+    other.merge()
+    other.load_state_dict(state)
+    assert all(layer.merged for layer in other.lora2_layers.values())
+    torch.testing.assert_close(other(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+    other.unmerge()
+    torch.testing.assert_close(other(**batch).logits, expected, rtol=1e-5, atol=1e-5)
     for name, layer in other.lora2_layers.items():
         torch.testing.assert_close(layer.base_layer.weight, reference.get_submodule(name).weight, rtol=0, atol=1e-6)
 

@@ -8,23 +8,32 @@ wrapped model's signature that calls the instance's ``_forward``.
 
 from __future__ import annotations
 
+import inspect
+from types import MethodType
 from typing import Any
 
 
 class ForwardWithBaseSignature:
     """Class attribute ``forward = ForwardWithBaseSignature()`` on a module that sets
-    ``_forward_signature`` (the wrapped model's ``inspect.signature``) and defines ``_forward``."""
+    ``_forward_signature`` (the wrapped model's ``inspect.signature``) and defines ``_forward``.
+
+    An instance gets a real bound method (a function of ``self`` bound to it), as a plain ``def forward`` would
+    give: accelerate's mixed precision wraps ``model.forward.__func__`` and ``unwrap_model(...,
+    keep_fp32_wrapper=False)`` binds the innermost function to the model again, which a closure without ``self``
+    would receive as its first input."""
 
     def __get__(self, obj: Any, objtype: type | None = None) -> Any:
         if obj is None:  # class-level inspection (Trainer's find_labels): the common HF signature
             return class_level_forward
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return obj._forward(*args, **kwargs)
+        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self._forward(*args, **kwargs)
 
-        forward.__signature__ = obj._forward_signature  # type: ignore[attr-defined]
+        signature: inspect.Signature = obj._forward_signature
+        own = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        forward.__signature__ = signature.replace(parameters=[own, *signature.parameters.values()])  # type: ignore[attr-defined]
         forward.__doc__ = type(obj)._forward.__doc__
-        return forward
+        return MethodType(forward, obj)
 
 
 def class_level_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:

@@ -156,6 +156,19 @@ class LoRA2Model(nn.Module):
                           UserWarning, stacklevel=2)
         return super().state_dict(*args, **kwargs)
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """nn.Module's, on a merged model too: the merged layers are unmerged first and merged again with the
+        loaded factors (loading into the merged weights would drop the adapter, and a later ``unmerge()`` would
+        subtract the new Δ from W0)."""
+        merged = [layer for layer in self.lora2_layers.values() if layer.merged]
+        for layer in merged:
+            layer.unmerge()
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            for layer in merged:
+                layer.merge()
+
     def restore_base(self) -> None:
         """Undo the wrapping: base layers back in place and every base parameter's ``requires_grad`` as it was
         (after a failed wrap or adapter load; the adapter is discarded)."""
