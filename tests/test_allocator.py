@@ -200,6 +200,32 @@ def test_state_dict_resume_continues_identically(tmp_path):
     assert (resumed.step, resumed.num_updates) == (60, 60)
 
 
+def test_a_state_saved_for_another_schedule_or_config_is_refused_before_anything_moves():
+    """A custom loop (accelerate's save_state/load_state) resuming with another total_step re-grew pruned values
+    (the budget 9 → 15) and with another β or target rank changed the scores, without a word; only the 🤗 Trainer
+    compared them."""
+    layers = make_layers(3, 2, 4)
+    alloc = allocator(layers)
+    for step in range(1, 21):
+        set_state(layers, step)
+        alloc.update_and_allocate(step)
+    state = alloc.state_dict()
+    for overrides, message in (({"total_step": 80}, r"made for 60 optimizer steps, this run has total_step=80"),
+                               ({"beta1": 0.5}, r"differs from the one the checkpoint was trained with \(beta1: 0.85 → 0.5\)"),
+                               ({"target_rank": 2}, r"target_rank: 1 → 2")):
+        other_layers = make_layers(3, 2, 4, seed=7)
+        other = allocator(other_layers, **overrides)
+        masks_before = other.masks().clone()
+        with pytest.raises(ValueError, match=message):
+            other.load_state_dict(state)
+        assert torch.equal(other.masks(), masks_before) and other.step == 0  # nothing moved
+    later = allocator(make_layers(3, 2, 4, seed=7), total_step=None)  # not known yet: checked when it is
+    later.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"this run has max_steps=80"):
+        later.check_resumable(later.resumed_from, 80, steps_name="max_steps")
+    allocator(make_layers(3, 2, 4, seed=7)).load_state_dict(state)  # the same settings resume
+
+
 def test_a_loaded_state_is_copied_not_shared():
     """The EMAs update in place; a state kept in memory (an early-stopping snapshot) must not change under the
     caller once it is loaded, as with torch.optim's load_state_dict."""

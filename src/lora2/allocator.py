@@ -8,6 +8,7 @@ sort of all M·r importances, ties broken by position, never a ``<= threshold`` 
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 
@@ -331,7 +332,42 @@ class RankAllocator:
                 "importance": self.config.importance, "frozen": self.frozen, "total_step": self.config.total_step,
                 "config": self.config.to_dict(), "tensors": tensors}
 
+    def check_resumable(self, state: dict[str, object], total_step: int | None, steps_name: str = "total_step") -> None:
+        """Refuse a saved state that this allocator would not continue identically: one made for another number
+        of optimizer steps (the budget schedule would be reshaped and pruned values re-grown) or with other
+        LoRA² settings (α rescales the restored adapter, β or the schedule fractions change the scores).
+        Fields a later lora2 added are not compared; ``total_step`` None: not known yet, checked later."""
+        if not self.prunes:
+            return
+        saved_total = state.get("total_step")
+        if saved_total is not None and total_step is not None and saved_total != total_step:
+            raise ValueError(
+                f"The saved allocator state's pruning schedule was made for {saved_total} optimizer steps, this run "
+                f"has {steps_name}={total_step}: resuming would reshape the budget schedule and re-grow pruned values. "
+                "Resume with the same number of optimizer steps (🤗 Trainer: the same max_steps, or num_train_epochs, "
+                "batch size and gradient_accumulation_steps)."
+            )
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            return
+        live = json.loads(json.dumps(self.config.to_dict()))
+
+        def same(key: str) -> bool:
+            old, new = saved[key], live.get(key)
+            return sorted(old) == sorted(new) if key == "orth_terms" and old and new else old == new
+
+        changed = [f"{k}: {saved[k]!r} → {live.get(k)!r}" for k in sorted(saved) if k != "total_step" and not same(k)]
+        if changed:
+            raise ValueError(
+                "This model's LoRA2Config differs from the one the checkpoint was trained with ("
+                + "; ".join(changed) + "): the resumed run would not continue it. Wrap the base model with the "
+                "checkpoint's settings."
+            )
+
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore a ``state_dict()``; refused (nothing changed) if it was saved for another schedule or config
+        (``check_resumable``)."""
+        self.check_resumable(state, self.config.total_step)
         names = state.get("names")
         if names != self.names:
             raise ValueError("Allocator state was saved for different adapted matrices than this model has.")

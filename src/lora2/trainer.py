@@ -7,7 +7,6 @@ its optimizer from ``LoRA2Model.optimizer_param_groups`` (so ``lam_lr_ratio`` ap
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -113,7 +112,9 @@ class LoRA2Callback(TrainerCallback):
                     "only: resume from a checkpoint there, or use lora2.LoRA2Trainer, which reads the allocator state "
                     "from the checkpoint you name."
                 )
-            lora2_model.allocator.load_state_dict(load_allocator_state(checkpoint))
+            saved = load_allocator_state(checkpoint)
+            lora2_model.allocator.check_resumable(saved, total, steps_name="max_steps")
+            lora2_model.allocator.load_state_dict(saved)
             logger.info("LoRA²: allocator state restored from %s", checkpoint)
         if state.global_step > 0:
             self._check_resumed_schedule(lora2_model, total)
@@ -139,32 +140,11 @@ class LoRA2Callback(TrainerCallback):
 
     @staticmethod
     def _check_resumed_schedule(lora2_model: LoRA2Model, total: int) -> None:
-        """A resumed run must have the schedule and LoRA² settings its checkpoint was written with: another
-        max_steps reshapes the budget (and re-grows pruned values), another α rescales the restored adapter."""
+        """A resumed run must have the schedule and LoRA² settings its checkpoint was written with (the allocator
+        checked its own state on loading; this covers a state loaded before max_steps was known)."""
         saved = lora2_model.allocator.resumed_from
-        if not saved or not lora2_model.allocator.prunes:
-            return
-        if saved.get("total_step") is not None and saved["total_step"] != total:
-            raise ValueError(
-                f"The checkpoint's pruning schedule was made for {saved['total_step']} optimizer steps, this run has "
-                f"max_steps={total}: resuming would reshape the budget schedule and re-grow pruned values. Resume with "
-                "the same max_steps (or num_train_epochs, batch size and gradient_accumulation_steps)."
-            )
-        if isinstance(saved.get("config"), dict):
-            live = json.loads(json.dumps(lora2_model.lora2_config.to_dict()))
-
-            def same(key: str) -> bool:  # fields saved then (a later version's new fields are not compared)
-                old, new = saved["config"][key], live.get(key)
-                return sorted(old) == sorted(new) if key == "orth_terms" and old and new else old == new
-
-            changed = [f"{k}: {saved['config'][k]!r} → {live.get(k)!r}" for k in sorted(saved["config"])
-                       if k != "total_step" and not same(k)]
-            if changed:
-                raise ValueError(
-                    "This model's LoRA2Config differs from the one the checkpoint was trained with ("
-                    + "; ".join(changed) + "): the resumed run would not continue it. Wrap the base model with the "
-                    "checkpoint's settings."
-                )
+        if saved:
+            lora2_model.allocator.check_resumable(saved, total, steps_name="max_steps")
 
     @staticmethod
     def _check_checkpointing(args, lora2_model: LoRA2Model) -> None:
