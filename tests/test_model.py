@@ -534,17 +534,52 @@ def test_k_above_r_warns_and_a_string_target_explains_itself():
         get_lora2_model(tiny_bert(), LoRA2Config(target_modules="all-linear", modules_to_save=["classifier"]))
 
 
-def test_merging_a_run_cut_before_its_budget_warns():
+def test_saving_or_merging_a_run_cut_before_its_budget_warns(tmp_path):
     _, model = build("bert", target_rank=1, total_step=100, init_warmup=2, final_warmup=10, mask_interval=1)
     model.train()
     batch = {**inputs_for("bert"), "labels": torch.tensor([0, 1])}
+    optimizer = torch.optim.SGD(model.optimizer_param_groups(1e-2))
     for step in range(1, 21):
         model(**batch).loss.backward()
+        optimizer.step()
         model.update_and_allocate(step)
         model.zero_grad()
+    with pytest.warns(RuntimeWarning, match=r"save_pretrained: the adapter is at step 20 of a 100-step schedule.*"
+                                            r"not the micro-batches"):
+        model.save_pretrained(tmp_path)  # e.g. total_step counted micro-batches under gradient accumulation
     with pytest.warns(RuntimeWarning, match=r"at step 20 of a 100-step schedule, before pruning reached its "
                                             r"target \(\d+ singular values active, target 12\)"):
         model.merge_and_unload()
+
+
+def test_calls_without_an_optimizer_step_between_them_are_named_once():
+    """accelerate's accumulate() makes optimizer.step() a no-op on non-sync micro-batches; a loop calling
+    update_and_allocate per micro-batch there ran the schedule 4× too fast on half-accumulated gradients without a
+    word. λ unchanged since the previous call means no step came in between: the third time warns (a warm-up at
+    lr 0 gives one such call, which must not)."""
+    def run(micro_batches: int, warmup_at_zero: bool = False) -> list[str]:
+        _, model = build("bert", target_rank=1, total_step=60, init_warmup=2, final_warmup=10, mask_interval=1)
+        model.train()
+        batch = {**inputs_for("bert"), "labels": torch.tensor([0, 1])}
+        optimizer = torch.optim.AdamW(model.optimizer_param_groups(1e-2))
+        calls = 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(1, 13):
+                for micro in range(1, micro_batches + 1):
+                    model(**batch).loss.backward()
+                    if micro == micro_batches:  # the sync micro-batch: the only real step
+                        for group in optimizer.param_groups:
+                            group["lr"] = 0.0 if warmup_at_zero and step == 1 else 1e-2
+                        optimizer.step()
+                    calls += 1
+                    model.update_and_allocate(calls)  # wrong when micro_batches > 1: per micro-batch
+                optimizer.zero_grad()
+        return [str(w.message) for w in caught if "unchanged since its previous call" in str(w.message)]
+
+    found = run(micro_batches=2)
+    assert len(found) == 1 and "at steps 3, 5, 7:" in found[0] and "accelerator.sync_gradients" in found[0]
+    assert run(micro_batches=1, warmup_at_zero=True) == []
 
 
 @pytest.mark.parametrize("enable", ["before wrapping", "after wrapping"])

@@ -31,7 +31,7 @@ def wrapped(tmp_path):
 
 
 def test_snippets_are_all_covered():
-    assert len(SNIPPETS) == 4
+    assert len(SNIPPETS) == 5
 
 
 def test_plain_loop_snippet_trains_and_prunes(wrapped):
@@ -45,6 +45,26 @@ def test_plain_loop_snippet_trains_and_prunes(wrapped):
     assert sorted(g["lr"] for g in groups) == pytest.approx([1e-3, 16e-3])  # λ at lr × lam_lr_ratio
     assert model.allocator.num_updates == 8
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n.endswith(".lam"))
+
+
+def test_accelerate_snippet_allocates_once_per_optimizer_step(wrapped):
+    import warnings
+
+    from accelerate.state import AcceleratorState
+
+    model = wrapped["model"]
+    model.lora2_config.init_warmup, model.lora2_config.final_warmup, model.lora2_config.total_step = 2, 2, 8
+    wrapped["torch"] = torch
+    wrapped["loader"] = torch.utils.data.DataLoader(ToyDataset(n=64), batch_size=2)  # 32 micro-batches, 8 steps
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exec(snippet("from accelerate import Accelerator"), wrapped)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert wrapped["step"] == 8 and model.allocator.num_updates == 8 and model.allocator.step == 8
+    assert int(model.allocator.masks().sum()) == model.allocator.b_target  # pruned to the target on schedule
+    assert not [w for w in caught if "unchanged since its previous call" in str(w.message)]
 
 
 def test_trainer_and_persistence_snippets(wrapped, tmp_path):

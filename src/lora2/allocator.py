@@ -44,6 +44,8 @@ class RankAllocator:
         self.frozen = False
         self.resumed_from: dict[str, object] | None = None  # total_step and config of the state last loaded
         self._warned_gap = self._warned_frozen = False
+        self._last_lam: torch.Tensor | None = None  # λ as the last call left it (no-optimizer-step check)
+        self.unchanged_lam_steps: list[int] = []  # steps whose call found λ unchanged since the previous one
 
     # -- schedule -----------------------------------------------------------------------------
     @property
@@ -146,10 +148,13 @@ class RankAllocator:
         values = [p.detach().reshape(-1).to(home) for ps in params.values() for p in ps]
         grads = [p.grad.reshape(-1).to(home) for ps in params.values() for p in ps if p.grad is not None]
         lam_grads = [p.grad.reshape(-1).to(home) for p in params["lam"] if p.grad is not None]
-        no_lam_grad = torch.zeros((), dtype=torch.bool, device=home)
+        no = torch.zeros((), dtype=torch.bool, device=home)
+        lam_now = torch.cat([p.detach().reshape(-1).to(home) for p in params["lam"]])
+        last = self._last_lam
         flags = torch.stack([torch.isfinite(torch.cat(values)).all(), torch.isfinite(torch.cat(grads)).all(),
-                             torch.cat(lam_grads).any() if lam_grads else no_lam_grad])
-        values_finite, grads_finite, lam_nonzero = flags.tolist()
+                             torch.cat(lam_grads).any() if lam_grads else no,
+                             (lam_now == last).all() if last is not None and last.shape == lam_now.shape else no])
+        values_finite, grads_finite, lam_nonzero, lam_unchanged = flags.tolist()
         if not values_finite:
             for name, ps in params.items():
                 for layer_name, p in zip(self.names, ps, strict=True):
@@ -179,7 +184,30 @@ class RankAllocator:
                 "turns that on for 🤗 models; a custom model needs its first block's input to require grad.)",
                 RuntimeWarning, stacklevel=4,
             )
+        if lam_unchanged and any(p.requires_grad for p in params["lam"]):
+            self._note_unchanged_lam(step)
         return True
+
+    def _note_unchanged_lam(self, step: int) -> None:
+        """λ bit-for-bit as the previous call left it: no optimizer step came in between (a loop calling this per
+        micro-batch inside accelerate's ``accumulate()``, whose optimizer.step() is a no-op there, or twice per
+        step). Once is allowed (a warm-up starting at lr 0); the third time is said, once."""
+        self.unchanged_lam_steps.append(step)
+        if len(self.unchanged_lam_steps) == 3:
+            listed = ", ".join(map(str, self.unchanged_lam_steps))
+            warnings.warn(
+                f"update_and_allocate() found every lam unchanged since its previous call at steps {listed}: no "
+                "optimizer step came in between, so the schedule runs ahead of training and importance averages "
+                "count the same gradients again. Call it once per optimizer step, after optimizer.step(): under "
+                "accelerate's accumulate(), only when accelerator.sync_gradients is True; with gradient accumulation, "
+                "with the optimizer step number, not per micro-batch.",
+                RuntimeWarning, stacklevel=4,
+            )
+
+    def _remember_lam(self) -> None:
+        """λ as this call leaves it (after pruning zeroed some), for the next call's no-optimizer-step check."""
+        home = self.device
+        self._last_lam = torch.cat([layer.lam.detach().reshape(-1).to(home) for layer in self.layers])
 
     @staticmethod
     def _ema(ema_i: torch.Tensor, ema_u: torch.Tensor, s: torch.Tensor, beta1: float, beta2: float) -> None:
@@ -294,6 +322,8 @@ class RankAllocator:
         self._warn_about_gaps_and_frozen_layers(step, phase)
         usable = phase == "final" or self.check_gradients(step)  # validate before any state changes
         self.step, self.num_updates = step, self.num_updates + 1
+        if phase != "final":
+            self._remember_lam()  # after the pruning below it is refreshed again
         if not usable:
             return self.budget(step)
         if phase == "final":
@@ -307,6 +337,7 @@ class RankAllocator:
         if self.is_mask_step(step):
             self.mask_to_budget(budget, step)
             self.masks_recomputed = True
+            self._remember_lam()
         return budget
 
     # -- reporting ----------------------------------------------------------------------------
@@ -395,5 +426,6 @@ class RankAllocator:
         self.num_updates = int(state["num_updates"])  # type: ignore[arg-type]
         self.frozen = bool(state.get("frozen", False))
         self.resumed_from = {"total_step": state.get("total_step"), "config": state.get("config")}
+        self._last_lam = None  # the next call compares with the λ it finds, not with this process's last one
         for layer, row in zip(self.layers, masks, strict=True):
             layer.set_mask(row, zero_pruned=False)  # lam was saved with this mask: leave it as it was

@@ -592,6 +592,9 @@ class LoRA2Model(nn.Module):
                           "with safetensors.", UserWarning, stacklevel=2)
         self._check_usable()
         self._warn_if_never_allocated("save_pretrained")
+        self.warn_if_schedule_unfinished(
+            "save_pretrained", "Train to the end of the schedule (set total_step to the optimizer steps you train, "
+            "not the micro-batches), or resume this run from a checkpoint with its allocator state.")
         self._save_checkpoint(save_directory)
 
     def _save_checkpoint(self, save_directory: str | Path) -> None:
