@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,6 +194,107 @@ def test_disable_adapter_gives_the_base_output():
     assert (model(**batch).logits - reference(**batch).logits).abs().max() > 1e-4
 
 
+def test_disable_adapter_gives_the_loaded_modules_to_save_back():
+    """modules_to_save train in place; inside disable_adapter() the model must still be the base as loaded (PEFT
+    keeps the original module; a DPO reference model relies on it): the trained head differed by 0.04."""
+    reference, model = build("bert")  # modules_to_save=["classifier"]
+    assert model.modules_to_save_names == ["classifier"]
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.base_model.classifier.weight.add_(0.5)  # stands in for training the head
+    trained = model.base_model.classifier.weight.detach().clone()
+    batch = inputs_for("bert")
+    with model.disable_adapter():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match=r"merge\(\) inside disable_adapter\(\)"):
+            model.merge()
+        with pytest.raises(RuntimeError, match=r"merge_and_unload\(\) inside disable_adapter\(\)"):
+            model.merge_and_unload()
+    assert torch.equal(model.base_model.classifier.weight, trained)  # the trained head is back
+    model.to(torch.float64)  # the kept originals follow the model
+    with model.disable_adapter():
+        assert model.base_model.classifier.weight.dtype == torch.float64
+        torch.testing.assert_close(model.base_model.classifier.weight,
+                                   reference.classifier.weight.to(torch.float64), rtol=0, atol=0)
+    model.restore_base()  # the base as loaded, head included
+    assert torch.equal(model.base_model.classifier.weight, reference.classifier.weight.to(torch.float64))
+
+
+def test_peft_names_for_disabling_merging_and_unloading():
+    reference, model = build("bert")
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.base_model.classifier.weight.add_(0.5)  # a trained head
+    batch = inputs_for("bert")
+    adapted = model(**batch).logits
+    model.disable_adapter_layers()
+    torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+    with model.disable_adapter():  # nested: the block leaves the layers disabled as it found them
+        pass
+    torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+    model.enable_adapter_layers()
+    torch.testing.assert_close(model(**batch).logits, adapted, rtol=0, atol=0)
+    model.merge_adapter()
+    assert all(layer.merged for layer in model.lora2_layers.values())
+    torch.testing.assert_close(model(**batch).logits, adapted, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    trained_head = model.base_model.classifier.weight.detach().clone()
+    plain = model.unload()
+    assert not any(isinstance(m, LoRA2Layer) for m in plain.modules())
+    for name in model.lora2_layers:  # no Δ folded in
+        torch.testing.assert_close(plain.get_submodule(name).weight, reference.get_submodule(name).weight, rtol=0, atol=1e-6)
+    assert torch.equal(plain.classifier.weight, trained_head)  # as PEFT's unload: the trained head stays
+    for report in (model.rank_pattern, model.print_trainable_parameters):
+        with pytest.raises(RuntimeError, match=r"was unloaded \(merge_and_unload\(\), unload\(\)"):
+            report()
+
+
+def test_transformers_own_adapter_api_is_not_reached_through_the_wrapper():
+    """Attribute access falls through to the wrapped 🤗 model, whose add_adapter/load_adapter/... are transformers'
+    PEFT integration: it would act behind LoRA²'s back (and fail with an unrelated "PEFT >= ..." message)."""
+    _, model = build("bert")
+    for name in ("add_adapter", "load_adapter", "set_adapter", "disable_adapters", "active_adapters"):
+        with pytest.raises(AttributeError, match=rf"LoRA2Model has no {name}: .*does not know LoRA² layers"):
+            getattr(model, name)
+    assert model.num_parameters() == model.base_model.num_parameters()  # other attributes still pass through
+
+
+def test_push_to_hub_uploads_the_adapter_alone_and_says_so_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    _, model = build("bert")
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls["repo"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, revision=None, create_pr=False, commit_message=None):
+            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            calls["upload"] = (repo_id, revision, create_pr, commit_message)
+            return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match=r"push_to_hub\('me/ada'\): the Hub is off \(HF_HUB_OFFLINE is set\)"):
+        model.push_to_hub("me/ada")
+    assert calls == {}
+    with pytest.raises(FileNotFoundError, match=r"No adapter directory 'me/ada' here, and as a Hub repo id the Hub is "
+                                                r"off \(HF_HUB_OFFLINE is set\) and it is not in the local cache"):
+        LoRA2Model.from_pretrained(tiny_bert(), "me/ada")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(ValueError, match="needs a Hub repo id"):
+        model.push_to_hub("not a repo id")
+    assert model.push_to_hub("me/ada", private=True, token="t") == "commit-info"
+    assert calls == {"token": "t", "repo": ("me/ada", True, True),
+                     "files": ["lora2_adapter.safetensors", "lora2_config.json"],
+                     "upload": ("me/ada", None, False, "Upload LoRA² adapter")}
+
+
 def test_no_matching_target_lists_what_the_model_has():
     with pytest.raises(ValueError, match=r"matched no module of BertForSequenceClassification") as err:
         get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["q_proj"]))
@@ -286,10 +388,27 @@ def test_forgotten_allocator_is_loud(tmp_path):
     randomize_adapters(model)
     with pytest.warns(RuntimeWarning, match="no singular value is pruned"):
         model.save_pretrained(tmp_path)
+    # no pruning asked for, but λ's own rate (lam_lr_ratio=16) exists only through optimizer_param_groups(): a loop
+    # that builds AdamW(model.parameters()) and never calls the allocator trained λ at the common rate unwarned
+    _, plain = build("bert", target_rank=4)  # r = 4: nothing to prune
+    plain.train()
+    assert not plain.allocator.prunes and plain.lora2_config.lam_lr_ratio == 16
+    with pytest.warns(RuntimeWarning, match=r"nothing has checked that λ trains at lr × lam_lr_ratio=16"):
+        for _ in range(200):
+            plain(**batch)
+    for quiet in (build("bert", target_rank=4, lam_lr_ratio=1)[1], build("bert", target_rank=4)[1]):
+        quiet.train()
+        if quiet.lora2_config.lam_lr_ratio != 1:
+            quiet.optimizer_param_groups(1e-3)  # λ's rate set up: nothing to say
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(200):
+                quiet(**batch)
 
 
 def test_no_warning_when_pruning_is_off():
     _, model = build("bert")
+    model.optimizer_param_groups(1e-3)  # λ's own rate is set up (else the idle warning names that)
     model.train()
     batch = {**inputs_for("bert"), "labels": torch.tensor([0, 1])}
     with warnings.catch_warnings():

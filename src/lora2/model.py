@@ -43,6 +43,11 @@ from .targets import (
 
 logger = logging.getLogger(__name__)
 
+# transformers' own adapter API on PreTrainedModel (PEFT-backed): reached through the fall-through it would act on
+# the wrapped model behind LoRA²'s back (and push_to_hub would upload the whole base model)
+TRANSFORMERS_ADAPTER_API = frozenset({"add_adapter", "load_adapter", "set_adapter", "delete_adapter", "enable_adapters",
+                                      "disable_adapters", "active_adapters", "get_adapter_state_dict"})
+
 # Training forwards without one allocator call before we shout (generous: covers accumulation).
 IDLE_FORWARDS_WARNING = 200
 
@@ -91,6 +96,10 @@ class LoRA2Model(nn.Module):
         _refuse_offloaded(found)
         # what wrapping changes, so that a failed wrap or load can give the base model back as it was
         self._base_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        # modules_to_save train in place; their loaded values are what disable_adapter() and restore_base() give back
+        # (PEFT keeps the original module beside a trained copy)
+        self._mts_originals = self._snapshot_modules_to_save(model)
+        self._mts_trained: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # while the originals are in
         self._wrapped_config = copy.deepcopy(config)  # save_pretrained refuses later edits the layers do not follow
         try:
             self._inject(found)
@@ -169,11 +178,54 @@ class LoRA2Model(nn.Module):
             for layer in merged:
                 layer.merge()
 
+    def _snapshot_modules_to_save(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {key: t.detach().clone() for key, t in self._mts_tensors(model, name)}
+                for name in self.modules_to_save_names}
+
+    @staticmethod
+    def _mts_tensors(model: nn.Module, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        module = model.get_submodule(name)
+        yield from module.named_parameters()
+        yield from ((key, t) for key, t in module.named_buffers() if t.is_floating_point())
+
+    def _swap_in_originals(self) -> None:
+        """The modules_to_save hold their loaded values until ``_swap_back`` (their tensors' ``.data`` swapped, so
+        nothing is copied back and a tied weight follows); a no-op while already swapped."""
+        if self._mts_trained is not None:
+            return
+        trained: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name, originals in self._mts_originals.items():
+            for key, t in self._mts_tensors(self.base_model, name):
+                if key in originals:
+                    trained.append((t, t.data))
+                    t.data = originals[key].to(device=t.device, dtype=t.dtype, copy=True)  # the kept ones stay intact
+        self._mts_trained = trained
+
+    def _swap_back(self) -> None:
+        for t, data in reversed(self._mts_trained or []):
+            t.data = data
+        self._mts_trained = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LoRA2Model:  # nn.Module's signature
+        """``.to()``, ``.half()``, ``.cuda()``: the kept originals of modules_to_save follow the model."""
+        module = super()._apply(fn, recurse)
+        self._mts_originals = {name: {key: fn(t) for key, t in tensors.items()}
+                               for name, tensors in getattr(self, "_mts_originals", {}).items()}
+        return module
+
     def restore_base(self) -> None:
-        """Undo the wrapping: base layers back in place and every base parameter's ``requires_grad`` as it was
-        (after a failed wrap or adapter load; the adapter is discarded)."""
+        """Undo the wrapping: base layers back in place, modules_to_save at their loaded values and every base
+        parameter's ``requires_grad`` as it was (after a failed wrap or adapter load; the adapter and the trained
+        modules_to_save are discarded — ``unload()`` keeps the latter)."""
         for layer in self.lora2_layers.values():
             swap_module(self.base_model, layer, layer.base_layer)
+        if getattr(self, "_mts_trained", None) is not None:
+            self._swap_back()
+        with torch.no_grad():
+            for name, originals in getattr(self, "_mts_originals", {}).items():
+                for key, t in self._mts_tensors(self.base_model, name):
+                    if key in originals:
+                        t.copy_(originals[key])
         for param, flag in self._base_requires_grad:
             param.requires_grad_(flag)
         self._unloaded = True
@@ -214,6 +266,12 @@ class LoRA2Model(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in TRANSFORMERS_ADAPTER_API:
+                raise AttributeError(
+                    f"LoRA2Model has no {name}: the wrapped model's own {name} is transformers' PEFT integration, "
+                    "which does not know LoRA² layers. One LoRA² adapter per model: disable_adapter() runs the "
+                    "base model, LoRA2Model.from_pretrained(base, dir) loads another adapter onto a fresh base."
+                ) from None
             return getattr(self.base_model, name)
 
     @property
@@ -360,15 +418,21 @@ class LoRA2Model(nn.Module):
         """A forward that builds a graph for trainable adapters (in either mode: a loop may forget train()). Kept out
         of ``torch.compile``'s graphs, like ``_record_regularizer``: its counters change every step."""
         self._trained_since_update |= self.training
-        if not self.allocator.prunes or self.allocator.num_updates > 0:
+        ratio = self.lora2_config.lam_lr_ratio
+        lam_rate_unseen = ratio != 1 and not self._lam_groups_built  # no sign that λ got its own rate
+        if self.allocator.num_updates > 0 or not (self.allocator.prunes or lam_rate_unseen):
             return
         self._idle_forwards += 1
         if self._idle_forwards == IDLE_FORWARDS_WARNING:
+            what = ("no singular value is being pruned, so this is silently a plain (unpruned) run" if self.allocator.prunes
+                    else f"nothing has checked that λ trains at lr × lam_lr_ratio={ratio:g}, which only "
+                         "model.optimizer_param_groups(lr) sets up (an optimizer over model.parameters() trains it at "
+                         "the common rate; lam_lr_ratio=1 asks for that on purpose)")
             msg = (
                 f"LoRA² has run {IDLE_FORWARDS_WARNING} forward passes with gradients but update_and_allocate() was "
-                "never called: no singular value is being pruned, so this is silently a plain (unpruned) run. Call "
-                "model.update_and_allocate(step) after optimizer.step(), or pass callbacks=[lora2.LoRA2Callback()] "
-                "to the 🤗 Trainer (or use lora2.LoRA2Trainer)."
+                f"never called: {what}. Build the optimizer with torch.optim.AdamW(model.optimizer_param_groups(lr)) and "
+                "call model.update_and_allocate(step) after optimizer.step(), or use lora2.LoRA2Trainer (or pass "
+                "callbacks=[lora2.LoRA2Callback()] to the 🤗 Trainer)."
                 + ("" if self.training else " The model is also in eval mode (no γ·R, no dropout): call model.train().")
             )
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
@@ -451,6 +515,7 @@ class LoRA2Model(nn.Module):
     def rank_pattern(self) -> dict[str, dict[str, int]]:
         """Per adapted matrix: active singular values and effective rank of Δ (≤ k), for reports.
         The rank costs a small float64 QR/SVD per matrix; for counts alone use ``active_pattern``."""
+        self._check_usable()
         return self.allocator.rank_pattern()
 
     def active_pattern(self) -> dict[str, int]:
@@ -459,19 +524,57 @@ class LoRA2Model(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone (modules_to_save keep their trained weights); a merged model is
-        unmerged for the duration and merged again afterwards."""
+        """Run the base model exactly as loaded: LoRA² layers off and modules_to_save at their loaded values (as
+        PEFT's, e.g. a reference model for DPO); a merged model is unmerged for the duration and merged again
+        afterwards. What trains inside the block trains the loaded values, which are then discarded."""
         previous = {n: (layer.disabled, layer.merged) for n, layer in self.lora2_layers.items()}
+        swapped_before = self._mts_trained is not None  # inside disable_adapter_layers(): leave it so
         for layer in self.lora2_layers.values():
             layer.unmerge()
             layer.disabled = True
+        self._swap_in_originals()
         try:
             yield
         finally:
+            if not swapped_before:
+                self._swap_back()
             for n, layer in self.lora2_layers.items():
                 layer.disabled = previous[n][0]
                 if previous[n][1]:
                     layer.merge()
+
+    # PEFT's names, for code written against a PeftModel
+    def disable_adapter_layers(self) -> None:
+        """Until ``enable_adapter_layers()``: the base model as loaded (``disable_adapter()`` without the block);
+        a merged model is unmerged."""
+        for layer in self.lora2_layers.values():
+            layer.unmerge()
+            layer.disabled = True
+        self._swap_in_originals()
+
+    def enable_adapter_layers(self) -> None:
+        self._swap_back()
+        for layer in self.lora2_layers.values():
+            layer.disabled = False
+
+    def merge_adapter(self) -> None:
+        """PEFT's name for ``merge()``."""
+        self.merge()
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's name for ``unmerge()``."""
+        self.unmerge()
+
+    def unload(self) -> nn.Module:
+        """Remove every LoRA² layer without merging and return the wrapped model (as PEFT's ``unload``: the
+        trained modules_to_save stay); this wrapper is unusable afterwards."""
+        self._check_usable()
+        self._swap_back()
+        for layer in self.lora2_layers.values():
+            layer.unmerge()
+            swap_module(self.base_model, layer, layer.base_layer)
+        self._unloaded = True
+        return self.base_model
 
     def _adapters_disabled(self) -> bool:
         return all(layer.disabled for layer in self.lora2_layers.values())
@@ -494,6 +597,7 @@ class LoRA2Model(nn.Module):
         return param_groups(self, lr, weight_decay, no_decay)
 
     def print_trainable_parameters(self) -> None:
+        self._check_usable()
         trainable, total = self.get_nb_trainable_parameters()
         print(
             f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
@@ -507,6 +611,7 @@ class LoRA2Model(nn.Module):
         base each entry of W0 comes back within one rounding of W0 + s·Δ in that dtype, so the error grows with
         |s·Δ| (bf16: about 4e-3 of |W0 + s·Δ| at worst) and does not accumulate over repeated round trips."""
         self._check_usable()
+        self._refuse_while_disabled("merge()")
         self._refuse_tied_merge()
         for layer in self.lora2_layers.values():
             layer.merge()
@@ -519,6 +624,7 @@ class LoRA2Model(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """Merge, remove every LoRA² layer, and return the plain wrapped model."""
         self._check_usable()
+        self._refuse_while_disabled("merge_and_unload()")
         self._refuse_tied_merge()
         self._warn_if_never_allocated("merge_and_unload")
         self.warn_if_schedule_unfinished("merge_and_unload")
@@ -530,6 +636,11 @@ class LoRA2Model(nn.Module):
             swap_module(self.base_model, layer, layer.base_layer)
         self._unloaded = True
         return self.base_model
+
+    def _refuse_while_disabled(self, action: str) -> None:
+        if any(layer.disabled for layer in self.lora2_layers.values()):
+            raise RuntimeError(f"{action} inside disable_adapter(): the block runs the base model as loaded; call it "
+                               "after the block.")
 
     def _refuse_tied_merge(self) -> None:
         """A base weight another module also uses (a head tied to the input embeddings) cannot take s·Δ in place:
@@ -543,7 +654,8 @@ class LoRA2Model(nn.Module):
 
     def _check_usable(self) -> None:
         if self._unloaded:
-            raise RuntimeError("This LoRA2Model was unloaded by merge_and_unload(); use the model it returned.")
+            raise RuntimeError("This LoRA2Model was unloaded (merge_and_unload(), unload() or a failed load); use the "
+                               "model it returned.")
 
     def warn_if_schedule_unfinished(self, action: str, advice: str | None = None) -> None:
         """The adapter is from before the budget reached its target (a cut run, early stopping, an early best
@@ -606,12 +718,23 @@ class LoRA2Model(nn.Module):
         """Copy saved tensors in, after checking names and shapes against this base model."""
         persistence.load_adapter_state(self, tensors, source)
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    commit_message: str | None = None, revision: str | None = None, create_pr: bool = False) -> Any:
+        """Upload the adapter (the files ``save_pretrained`` writes; never the base model) to a Hub model repo,
+        created if missing; ``from_pretrained(base, repo_id)`` loads it back."""
+        from .hub import push_adapter
+
+        return push_adapter(self, repo_id, private=private, token=token, commit_message=commit_message,
+                            revision=revision, create_pr=create_pr)
+
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, adapter_directory: str | Path, is_trainable: bool = False
+        cls, model: nn.Module, adapter_directory: str | Path, is_trainable: bool = False, *,
+        revision: str | None = None, token: str | bool | None = None,
     ) -> LoRA2Model:
-        """Load an adapter written by ``save_pretrained`` onto a fresh base model."""
-        return persistence.load_adapter(cls, model, adapter_directory, is_trainable)
+        """Load an adapter written by ``save_pretrained`` (a directory, or a Hub repo id that ``push_to_hub``
+        filled) onto a fresh base model."""
+        return persistence.load_adapter(cls, model, adapter_directory, is_trainable, revision, token)
 
 
 def get_lora2_model(model: nn.Module, config: LoRA2Config) -> LoRA2Model:

@@ -286,9 +286,12 @@ def load_adapter_state(model: LoRA2Model, tensors: Mapping[str, torch.Tensor], s
 
 
 def load_adapter(cls: type[LoRA2Model], model: nn.Module, adapter_directory: str | Path,
-                 is_trainable: bool = False) -> LoRA2Model:
-    """Wrap a fresh base ``model`` as the saved config says and copy the saved tensors in."""
-    directory = Path(adapter_directory)
+                 is_trainable: bool = False, revision: str | None = None, token: str | bool | None = None) -> LoRA2Model:
+    """Wrap a fresh base ``model`` as the saved config says and copy the saved tensors in. ``adapter_directory``
+    may be a Hub repo id (downloaded, see ``lora2.hub``); ``revision`` and ``token`` go to the download."""
+    from .hub import resolve_adapter_directory
+
+    directory = resolve_adapter_directory(adapter_directory, revision, token)
     meta, config = read_adapter_meta(directory)
     try:
         wrapped = cls(model, config)
