@@ -220,7 +220,8 @@ def test_the_exported_config_loads_in_the_oldest_supported_peft(tmp_path):
 
 def test_directory_without_lora2_config_points_at_peft(tmp_path):
     export_to_peft(trained_lora2("bert"), tmp_path / "peft")
-    with pytest.raises(FileNotFoundError, match=r"no lora2_config.json.*PEFT adapter already"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"no lora2_config.json.*holds a PEFT adapter \(adapter_config.json\): it needs no export"):
         export_to_peft(tmp_path / "peft", tmp_path / "out")
 
 

@@ -295,6 +295,28 @@ def test_push_to_hub_uploads_the_adapter_alone_and_says_so_offline(tmp_path, mon
                      "upload": ("me/ada", None, False, "Upload LoRA² adapter")}
 
 
+def test_a_peft_model_is_refused_with_the_two_ways_forward(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    for target in (["q_proj"], ["o_proj"]):  # o_proj wrapped silently before, freezing PEFT's lora_A/lora_B
+        with pytest.raises(ValueError, match=r"holds PEFT adapter parts \(PeftModel\); LoRA² does not stack "
+                                             r"on them.*merge_and_unload\(\).*init_from_peft_lora"):
+            get_lora2_model(peft_model, LoRA2Config(target_modules=target))
+    assert all(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" in n)  # untouched
+    peft_model.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"It holds a PEFT adapter \(adapter_config.json\): load it with "
+                                                r"peft.PeftModel.from_pretrained"):
+        LoRA2Model.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_a_tied_module_to_save_warns_that_its_partner_trains_too():
+    with pytest.warns(UserWarning, match=r"modules_to_save trains lm_head.weight in place, and it is the same tensor "
+                                         r"as transformer.wte.weight"):
+        model = get_lora2_model(tiny_gpt2(), LoRA2Config(target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    assert model.base_model.transformer.wte.weight.requires_grad
+
+
 def test_no_matching_target_lists_what_the_model_has():
     with pytest.raises(ValueError, match=r"matched no module of BertForSequenceClassification") as err:
         get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["q_proj"]))

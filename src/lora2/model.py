@@ -39,6 +39,7 @@ from .targets import (
     swap_module,
     task_type,
     tied_adapted,
+    tied_outside,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,16 @@ class LoRA2Model(nn.Module):
                 f"This {type(model).__name__} already holds LoRA² layers: get_lora2_model wraps the base model in "
                 "place, so a base that was wrapped before carries that adapter. Load a fresh base model, or use the "
                 "model returned by merge_and_unload()."
+            )
+        peft_layer = next(((n, type(m).__name__) for n, m in model.named_modules()
+                           if type(m).__module__.split(".")[0] == "peft"), None)
+        if peft_layer is not None:
+            where = f" at {peft_layer[0]!r}" if peft_layer[0] else ""
+            raise ValueError(
+                f"This model holds PEFT adapter parts ({peft_layer[1]}{where}); LoRA² does not stack on them (it would "
+                "freeze them, or refuse their layers as targets). Merge them into the base first "
+                "(peft_model.merge_and_unload()), or start a LoRA² adapter from a PEFT LoRA with "
+                "lora2.init_from_peft_lora(get_lora2_model(base, config), peft_dir)."
             )
         config = copy.deepcopy(config)
         config.validate()  # fields may have been set after the config was built
@@ -128,6 +139,12 @@ class LoRA2Model(nn.Module):
         self.regularizer_calls = 0  # γ·R computations for a loss (LoRA2Trainer checks each step has one)
         self._lam_groups_built = False  # optimizer_param_groups() built (or check_lam_lr verified) λ's rate
         self._warn_if_head_frozen(model)
+        for inside, outside in tied_outside(model, self.modules_to_save_names):
+            warnings.warn(
+                f"modules_to_save trains {inside} in place, and it is the same tensor as {outside}: training it trains "
+                f"{outside} too (PEFT would train an untied copy). Intended for tied embeddings; otherwise untie the "
+                "weights first, or adapt the module with LoRA² instead of listing it in modules_to_save.",
+                UserWarning, stacklevel=3)
         # Whether the 🤗 Trainer may pass num_items_in_batch and skip dividing by gradient accumulation: only when the
         # base loss really uses it (a causal LM's token-weighted loss). Classification heads take **kwargs but
         # ignore it (transformers#47688): the Trainer must average their per-micro-batch means itself.

@@ -206,15 +206,16 @@ def _weights_save_id(path: Path) -> str | None:
         return None
 
 
-def read_adapter_meta(directory: Path) -> tuple[dict[str, Any], LoRA2Config]:
-    """``lora2_config.json`` of an adapter directory, validated: (metadata, config)."""
+def read_adapter_meta(directory: Path, peft_hint: str = "it needs no export") -> tuple[dict[str, Any], LoRA2Config]:
+    """``lora2_config.json`` of an adapter directory, validated: (metadata, config). ``peft_hint``: what to say
+    when the directory holds a PEFT adapter instead."""
     if not directory.exists():
         raise FileNotFoundError(f"Adapter directory {directory} does not exist; pass the directory "
                                 "LoRA2Model.save_pretrained wrote.")
     if not directory.is_dir():
         raise ValueError(f"{directory} is a file; pass the adapter directory that contains {CONFIG_NAME} and {WEIGHTS_NAME}.")
     if not (directory / CONFIG_NAME).is_file():
-        hint = (" It holds a PEFT adapter already (adapter_config.json): it needs no export."
+        hint = (f" It holds a PEFT adapter (adapter_config.json): {peft_hint}."
                 if (directory / PEFT_CONFIG_NAME).is_file() else "")
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}, so it is not a LoRA² adapter directory "
                                 f"(written by LoRA2Model.save_pretrained).{hint}")
@@ -292,7 +293,9 @@ def load_adapter(cls: type[LoRA2Model], model: nn.Module, adapter_directory: str
     from .hub import resolve_adapter_directory
 
     directory = resolve_adapter_directory(adapter_directory, revision, token)
-    meta, config = read_adapter_meta(directory)
+    meta, config = read_adapter_meta(directory, peft_hint=(
+        "load it with peft.PeftModel.from_pretrained(base, dir), or start a LoRA² adapter from it with "
+        "lora2.init_from_peft_lora(get_lora2_model(base, config), dir)"))
     try:
         wrapped = cls(model, config)
     except (ValueError, TypeError) as err:
