@@ -111,3 +111,24 @@ def test_truncated_json_gives_clear_error(tmp_path):
     path.write_text('{"k": 1, "r"')
     with pytest.raises(ValueError, match="truncated or corrupted"):
         LoRA2Config.from_json_file(path)
+
+
+def test_peft_option_names_say_what_they_are_called_here():
+    with pytest.raises(TypeError, match=r"LoRA2Config has no lora_alpha, task_type \(PEFT's names\); here: lora_alpha "
+                                        r"→ alpha; task_type → nothing: the task is read from the model"):
+        LoRA2Config(lora_alpha=32, task_type="SEQ_CLS")
+    with pytest.raises(TypeError, match=r"init_r → r"):
+        LoRA2Config(init_r=12)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'no_such'"):  # anything else: Python's message
+        LoRA2Config(no_such=1)
+    import inspect
+
+    assert list(inspect.signature(LoRA2Config).parameters)[:3] == ["k", "r", "alpha"]
+
+
+def test_sets_of_names_become_sorted_lists_and_a_directory_gives_its_config(tmp_path):
+    config = LoRA2Config(target_modules={"value", "query"}, modules_to_save=frozenset({"classifier"}))
+    assert config.target_modules == ["query", "value"] and config.modules_to_save == ["classifier"]
+    (tmp_path / "lora2_config.json").write_text(json.dumps({"library": "lora2", "config": config.to_dict()}))
+    for source in (tmp_path, tmp_path / "lora2_config.json"):
+        assert LoRA2Config.from_pretrained(source) == config == LoRA2Config.from_json_file(source)

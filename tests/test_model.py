@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora2 import LoRA2Config, LoRA2Layer, LoRA2Model, get_lora2_model
+from lora2 import LoRA2Config, LoRA2Layer, LoRA2Model, get_lora2_model, orth_regularization
 from lora2.persistence import WEIGHTS_NAME
 
 from .conftest import BERT_TARGETS, LLAMA_TARGETS, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
@@ -315,6 +315,27 @@ def test_a_tied_module_to_save_warns_that_its_partner_trains_too():
                                          r"as transformer.wte.weight"):
         model = get_lora2_model(tiny_gpt2(), LoRA2Config(target_modules=["c_attn"], modules_to_save=["lm_head"]))
     assert model.base_model.transformer.wte.weight.requires_grad
+
+
+@pytest.mark.parametrize(("arch", "count", "left_out"), [("bert", 13, "classifier"), ("llama", 14, "lm_head"),
+                                                        ("gpt2", 8, "lm_head")])
+def test_all_linear_adapts_the_backbone_and_leaves_the_head_out(arch, count, left_out):
+    """PEFT's target_modules='all-linear': every Linear/Conv1D of the backbone (BERT's pooler included), never the
+    task head or the output embeddings; saved as written and resolved again on load."""
+    _, model = build(arch, target_modules="all-linear", modules_to_save=None if arch == "bert" else [])
+    assert len(model.lora2_layers) == count and not any(n.startswith(left_out) for n in model.lora2_layers)
+    assert model.lora2_config.target_modules == "all-linear"
+
+
+def test_orth_regularization_takes_the_model():
+    _, model = build("bert", orth_terms=["uv", "PQ"], pq_form="rank")
+    randomize_adapters(model)
+    layers = list(model.lora2_layers.values())
+    torch.testing.assert_close(orth_regularization(model), model.orth_regularization(), rtol=0, atol=0)
+    torch.testing.assert_close(orth_regularization(model, ["UV"]), orth_regularization(layers, ["UV"], "rank"))
+    torch.testing.assert_close(orth_regularization(layers), orth_regularization(layers, ["uv", "UV", "PQ"]))
+    with pytest.raises(ValueError, match="at least one LoRA² layer"):
+        orth_regularization([])
 
 
 def test_no_matching_target_lists_what_the_model_has():

@@ -6,6 +6,7 @@ what a valid value looks like.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -95,7 +96,8 @@ class LoRA2Config:
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
-            "help": "Module-name suffixes to adapt, or one regex matched against the full name. "
+            "help": "Module-name suffixes to adapt, or one regex matched against the full name, or 'all-linear' "
+            "(every linear layer of the backbone, task head and output embeddings left out). "
             "None: the model type's default (query/key/value/attention-output/FFN)."
         },
     )
@@ -162,12 +164,14 @@ class LoRA2Config:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field (tuples become lists first)."""
+        """Raise ``ValueError`` naming the first invalid field (tuples and sets become lists first)."""
         if isinstance(self.orth_terms, str):
             self.orth_terms = [self.orth_terms]
         for name in ("orth_terms", "target_modules", "modules_to_save"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
+            elif isinstance(getattr(self, name), (set, frozenset)):  # PEFT takes sets; order them for the JSON
+                setattr(self, name, sorted(getattr(self, name)))
         for name in ("k", "r"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -317,7 +321,11 @@ class LoRA2Config:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> LoRA2Config:
+        """A config from a JSON file of ``to_json_string()``, or from an adapter's ``lora2_config.json`` (a path
+        to the adapter directory is enough)."""
         path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -327,3 +335,38 @@ class LoRA2Config:
         if isinstance(data, dict) and data.get("library") == "lora2":  # an adapter file: config plus metadata
             return cls.from_adapter_dict(data.get("config"), data.get("version"))
         return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> LoRA2Config:
+        """PEFT's name: the config of an adapter directory written by ``save_pretrained`` (or a config JSON file)."""
+        return cls.from_json_file(path)
+
+
+# PEFT's (and AdaLoRA's) option names that LoRA2Config spells differently or does not need: named in the TypeError
+PEFT_OPTION_NAMES = {
+    "lora_alpha": "alpha", "lora_dropout": "dropout", "init_r": "r", "target_r": "target_rank",
+    "tinit": "init_warmup", "tfinal": "final_warmup", "deltaT": "mask_interval",
+    "init_lora_weights": "init ('orthogonal' or 'gaussian')", "use_rslora": "scaling_rule='alpha/sqrt(r)'",
+    "task_type": "nothing: the task is read from the model; train its head with modules_to_save=['classifier']",
+    "fan_in_fan_out": "nothing: GPT-2's Conv1D layout is detected",
+    "exclude_modules": "a list of the modules to adapt, or one regex in target_modules (matched against the full "
+                       "module name) that leaves the others out",
+    "layers_to_transform": "one regex in target_modules, e.g. r'.*layer\\.(0|1)\\..*query'",
+    "bias": "nothing built in: list the modules whose biases should train in modules_to_save",
+}
+
+
+def _hint_peft_names(init: Any) -> Any:
+    @functools.wraps(init)  # inspect.signature follows __wrapped__: the dataclass's own
+    def __init__(self: LoRA2Config, *args: Any, **kwargs: Any) -> None:
+        known = [name for name in kwargs if name in PEFT_OPTION_NAMES]
+        if known:
+            hints = "; ".join(f"{name} → {PEFT_OPTION_NAMES[name]}" for name in known)
+            raise TypeError(f"LoRA2Config has no {', '.join(known)} (PEFT's name{'s' if len(known) > 1 else ''}); "
+                            f"here: {hints}.")
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+LoRA2Config.__init__ = _hint_peft_names(LoRA2Config.__init__)  # type: ignore[method-assign]

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
+from .config import ORTH_TERMS
 from .layer import FACTORS, LoRA2Layer
 
 
@@ -100,8 +102,19 @@ def orth_term_means(layers: Iterable[LoRA2Layer], terms: Sequence[str],
     return {name: sums[name] / len(layers) for name in terms if name in sums}
 
 
-def orth_regularization(layers: Iterable[LoRA2Layer], terms: Sequence[str], pq_form: str = "literal") -> torch.Tensor:
-    """R = mean over adapted matrices of the sum of the enabled terms (not yet scaled by γ)."""
+def orth_regularization(layers: Iterable[LoRA2Layer] | Any, terms: Sequence[str] | None = None,
+                        pq_form: str = "literal") -> torch.Tensor:
+    """R = mean over adapted matrices of the sum of the enabled terms (not yet scaled by γ). ``layers``: LoRA²
+    layers, or a ``LoRA2Model`` (its layers, and its config's terms and P/Q form unless given); ``terms`` None:
+    all three ('uv', 'UV', 'PQ')."""
+    config = getattr(layers, "lora2_config", None)
+    if config is not None and hasattr(layers, "lora2_layers"):  # a LoRA2Model
+        if terms is None:
+            return layers.orth_regularization()
+        layers, pq_form = layers.lora2_layers.values(), config.pq_form
+    terms = list(ORTH_TERMS) if terms is None else terms
     layers = list(layers)
+    if not layers:
+        raise ValueError("orth_regularization needs at least one LoRA² layer (or a LoRA2Model).")
     means = orth_term_means(layers, terms, pq_form)
     return sum(means.values(), layers[0].lam.new_zeros(()))

@@ -132,8 +132,29 @@ def find_modules_to_save(model: nn.Module, wanted: list[str] | None) -> list[str
     return names
 
 
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer of the backbone
+
+
+def all_linear(model: nn.Module) -> list[str]:
+    """Full names of every Linear/Conv1D of the backbone: a 🤗 model's ``base_model_prefix`` part (so a task
+    head beside it, ``lm_head`` or ``classifier``, is left out), else the whole model less its output
+    embeddings."""
+    prefix = getattr(model, "base_model_prefix", None)
+    backbone = prefix if prefix and isinstance(getattr(model, prefix, None), nn.Module) else None
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    return [n for n, m in model.named_modules() if n and isinstance(m, SUPPORTED_TYPES) and m is not output
+            and (backbone is None or n.startswith(backbone + "."))]
+
+
 def find_targets(model: nn.Module, targets: list[str] | str, saved: list[str]) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every module to adapt: matched, outside ``saved``, and a Linear/Conv1D."""
+    """(name, layer) of every module to adapt: matched, outside ``saved``, and a Linear/Conv1D. ``"all-linear"``:
+    the backbone's linear layers (``all_linear``)."""
+    if targets == ALL_LINEAR:
+        targets = all_linear(model)
+        if not targets:
+            raise ValueError(f"target_modules='all-linear' found no Linear/Conv1D layer in {type(model).__name__}'s "
+                             "backbone; name the layers to adapt.")
     found: list[tuple[str, nn.Module]] = []
     skipped: list[str] = []
     for name, module in model.named_modules():
