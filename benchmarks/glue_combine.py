@@ -48,9 +48,12 @@ class CombinedPlan(Plan):
         mine = super().cell(group, variant, task)
         seeds = {seed_of(r) for r in mine}
         chosen = self.chosen.get((group, variant, task)) or self.provisional.get((group, variant, task))
+        # the lr this cell trains at here: the search's choice, or for a group that borrows one, its runs' lr
+        lrs = {chosen} if chosen is not None else {
+            s.lr for s in self.steps if (s.run.group, s.run.variant, s.run.task) == (group, variant, task)}
         extra = [] if self.other is None else [
             r for r in self.other.cell(group, variant, task) if seed_of(r) not in seeds
-            and (chosen is None or r.get("benchmark", {}).get("lr") == chosen)]
+            and r.get("benchmark", {}).get("lr") in lrs]
         return sorted([*mine, *extra], key=seed_of)
 
 

@@ -226,6 +226,28 @@ def test_a_state_saved_for_another_schedule_or_config_is_refused_before_anything
     allocator(make_layers(3, 2, 4, seed=7)).load_state_dict(state)  # the same settings resume
 
 
+def test_a_head_that_overflowed_skips_the_step_instead_of_looking_like_a_missed_optimizer_step():
+    """fp16 GradScaler skips the optimizer step when any gradient overflowed, e.g. only the head's: λ is then
+    unchanged with finite adapter gradients, which read as "no optimizer step in between"."""
+    layers = make_layers(2, 2, 4)
+    alloc = allocator(layers)
+    head_grad = torch.ones(3)
+    for step in range(1, 13):
+        if step % 3 == 0:  # the scaler skipped: parameters as the previous call left them, the head's grad inf
+            for layer in layers:
+                layer.lam.grad = torch.randn(layer.lam.shape)
+            head_grad = torch.full((3,), float("inf"))
+        else:
+            set_state(layers, step)
+            head_grad = torch.ones(3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            alloc.update_and_allocate(step, [head_grad])
+        if step % 3 == 0:
+            assert any("outside the adapter" in str(w.message) for w in caught)
+    assert alloc.unchanged_lam_steps == [] and alloc.skipped_steps == 4
+
+
 def test_a_loaded_state_is_copied_not_shared():
     """The EMAs update in place; a state kept in memory (an early-stopping snapshot) must not change under the
     caller once it is loaded, as with torch.optim's load_state_dict."""

@@ -142,6 +142,9 @@ def test_a_model_type_without_default_targets_names_the_flag():
                                          r"Here: --target-modules"):
         resolve_targets(model, None)
     assert resolve_targets(model, ["q_lin"]) == ["q_lin"]
+    everything = resolve_targets(model, ["all-linear"])  # --target-modules all-linear: full names, every method
+    assert len(everything) == 6 and everything[0] == "distilbert.transformer.layer.0.attention.q_lin"
+    assert not any(n.startswith(("pre_classifier", "classifier")) for n in everything)
 
 
 def test_cli_spelling_limits_and_warnings(tmp_path, tiny_model_dir, glue_dir, capsys):

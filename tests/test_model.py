@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -220,6 +221,26 @@ def test_disable_adapter_gives_the_loaded_modules_to_save_back():
     assert torch.equal(model.base_model.classifier.weight, reference.classifier.weight.to(torch.float64))
 
 
+def test_while_disabled_saving_reads_and_casting_moves_the_trained_modules_to_save(tmp_path):
+    """Between disable_adapter_layers() and enable_adapter_layers() the kept originals sit in the head: a save
+    there wrote the pre-training head, and a cast left the trained one behind in the old dtype. Inside the
+    block the originals are frozen (no optimizer step moves them)."""
+    _, model = build("bert")
+    with torch.no_grad():
+        model.base_model.classifier.weight.add_(0.5)
+    trained = model.base_model.classifier.weight.detach().clone()
+    model.disable_adapter_layers()
+    assert not model.base_model.classifier.weight.requires_grad
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    assert torch.equal(saved["classifier.weight"], trained)
+    model.double()
+    model.enable_adapter_layers()
+    assert model.base_model.classifier.weight.dtype == torch.float64 and model.base_model.classifier.weight.requires_grad
+    assert torch.equal(model.base_model.classifier.weight, trained.double())
+    model(**inputs_for("bert"))
+
+
 def test_peft_names_for_disabling_merging_and_unloading():
     reference, model = build("bert")
     randomize_adapters(model)
@@ -310,11 +331,16 @@ def test_a_peft_model_is_refused_with_the_two_ways_forward(tmp_path):
         LoRA2Model.from_pretrained(tiny_llama(), tmp_path)
 
 
-def test_a_tied_module_to_save_warns_that_its_partner_trains_too():
+def test_a_tied_module_to_save_warns_that_its_partner_trains_too(tmp_path):
     with pytest.warns(UserWarning, match=r"modules_to_save trains lm_head.weight in place, and it is the same tensor "
                                          r"as transformer.wte.weight"):
         model = get_lora2_model(tiny_gpt2(), LoRA2Config(target_modules=["c_attn"], modules_to_save=["lm_head"]))
     assert model.base_model.transformer.wte.weight.requires_grad
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:  # loaded for inference nothing trains: nothing to say
+        warnings.simplefilter("always")
+        LoRA2Model.from_pretrained(tiny_gpt2(), tmp_path)
+    assert not [w for w in caught if "modules_to_save trains" in str(w.message)]
 
 
 @pytest.mark.parametrize(("arch", "count", "left_out"), [("bert", 13, "classifier"), ("llama", 14, "lm_head"),
@@ -325,6 +351,12 @@ def test_all_linear_adapts_the_backbone_and_leaves_the_head_out(arch, count, lef
     _, model = build(arch, target_modules="all-linear", modules_to_save=None if arch == "bert" else [])
     assert len(model.lora2_layers) == count and not any(n.startswith(left_out) for n in model.lora2_layers)
     assert model.lora2_config.target_modules == "all-linear"
+    if arch == "bert":  # with part of the backbone in modules_to_save: no warning about entries nobody wrote
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            saved = get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["all-linear"],  # a CLI's one-item list
+                                                             modules_to_save=["classifier", "pooler"]))
+        assert len(saved.lora2_layers) == 12 and saved.lora2_config.target_modules == "all-linear"
 
 
 def test_orth_regularization_takes_the_model():
@@ -333,6 +365,9 @@ def test_orth_regularization_takes_the_model():
     layers = list(model.lora2_layers.values())
     torch.testing.assert_close(orth_regularization(model), model.orth_regularization(), rtol=0, atol=0)
     torch.testing.assert_close(orth_regularization(model, ["UV"]), orth_regularization(layers, ["UV"], "rank"))
+    torch.testing.assert_close(orth_regularization(model, pq_form="literal"),
+                               orth_regularization(layers, ["uv", "PQ"], "literal"))
+    assert float(orth_regularization(model, pq_form="literal")) > float(orth_regularization(model)) + 1  # r − k more
     torch.testing.assert_close(orth_regularization(layers), orth_regularization(layers, ["uv", "UV", "PQ"]))
     with pytest.raises(ValueError, match="at least one LoRA² layer"):
         orth_regularization([])
@@ -693,7 +728,7 @@ def test_k_above_r_warns_and_a_string_target_explains_itself():
     with pytest.warns(UserWarning, match=r"k=16 exceeds r=4.*Use k <= r"):
         LoRA2Config(k=16, r=4)
     with pytest.raises(ValueError, match=r"A string is one regular expression.*pass a list, e\.g\. \['query', 'value'\]"):
-        get_lora2_model(tiny_bert(), LoRA2Config(target_modules="all-linear", modules_to_save=["classifier"]))
+        get_lora2_model(tiny_bert(), LoRA2Config(target_modules="query,value", modules_to_save=["classifier"]))
 
 
 def test_saving_or_merging_a_run_cut_before_its_budget_warns(tmp_path):

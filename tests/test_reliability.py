@@ -388,14 +388,37 @@ def test_save_pretrained_honours_is_main_process_and_refuses_pickles(tmp_path):
     assert json.loads((tmp_path / "c" / "lora2_config.json").read_text())["save_id"] != ids[0]
 
 
-def test_a_merged_models_state_dict_warns_that_it_holds_the_update_twice():
-    model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_modules=["query"]))
+def test_a_merged_models_state_dict_holds_w0_and_loads_into_either_state():
+    """A merged model's base weights are W0 + s·Δ; its state dict says W0 (as an unmerged one does), so any state
+    dict loads correctly into a merged or an unmerged model — also through a container (DDP, torch.compile and
+    accelerate call the layers' own state-dict code, never LoRA2Model's)."""
+    def make(seed):
+        model = get_lora2_model(tiny_bert(), LoRA2Config(k=2, r=4, target_modules=["query"], modules_to_save=[]))
+        randomize_adapters(model, seed=seed)
+        return model.eval()
+
+    ids = torch.randint(1, 100, (2, 7))
+    source = make(1)
+    expected = source(input_ids=ids).logits
+    unmerged_state = {k: v.clone() for k, v in source.state_dict().items()}
+    source.merge()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model.state_dict()
-    model.merge()
-    with pytest.warns(UserWarning, match=r"merged LoRA2Model.*applies Δ twice"):
-        model.state_dict()
+        merged_state = {k: v.clone() for k, v in source.state_dict().items()}
+    for key, value in unmerged_state.items():
+        torch.testing.assert_close(merged_state[key], value, rtol=0, atol=1e-6)
+    for state in (unmerged_state, merged_state):
+        for merge_target in (False, True):
+            target = make(2)
+            if merge_target:
+                target.merge()
+            torch.nn.Sequential(target).load_state_dict({f"0.{k}": v for k, v in state.items()})
+            assert all(layer.merged == merge_target for layer in target.lora2_layers.values())
+            torch.testing.assert_close(target(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+            target.unmerge()
+            for key, value in unmerged_state.items():
+                if key.endswith("base_layer.weight"):
+                    torch.testing.assert_close(dict(target.state_dict())[key], value, rtol=0, atol=1e-6)
 
 
 def test_a_regulariser_logged_under_no_grad_is_not_taken_for_one_in_the_loss():

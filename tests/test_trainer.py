@@ -482,6 +482,12 @@ def test_a_resume_that_would_reshape_the_schedule_or_change_the_config_is_refuse
     changed = trainer_cls(model=other, args=args(tmp_path), train_dataset=ToyDataset(), callbacks=[LoRA2Callback()])
     with pytest.raises(ValueError, match=r"differs from the one the checkpoint was trained with \(alpha: 32.0 → 64\)"):
         changed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-12"))
+    stale = lora2_model()  # a config whose total_step the Trainer overrides with max_steps (it warns): resumes
+    stale.lora2_config.total_step = 48
+    with pytest.warns(UserWarning, match="differs from the Trainer's max_steps=24"):
+        trainer_cls(model=stale, args=args(tmp_path), train_dataset=ToyDataset(), callbacks=callbacks).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-12"))
+    assert stale.allocator.step == 24 and stale.lora2_config.total_step == 24
     done_model = lora2_model()  # a complete run resumed (auto-resume scripts): transformers may step once more
     done = trainer_cls(model=done_model, args=args(tmp_path), train_dataset=ToyDataset(), callbacks=callbacks)
     with warnings.catch_warnings(record=True) as caught:

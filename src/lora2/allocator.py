@@ -132,7 +132,7 @@ class RankAllocator:
                     RuntimeWarning, stacklevel=4,
                 )
 
-    def check_gradients(self, step: int) -> bool:
+    def check_gradients(self, step: int, extra_grads: Sequence[torch.Tensor] = ()) -> bool:
         """Validate the tracked entries before using them. False: skip this step (non-finite gradients,
         e.g. an fp16 GradScaler overflow that also skipped the optimizer step). Raises on NaN/inf
         parameters and when no gradient exists at all (called after zero_grad)."""
@@ -151,10 +151,13 @@ class RankAllocator:
         no = torch.zeros((), dtype=torch.bool, device=home)
         lam_now = torch.cat([p.detach().reshape(-1).to(home) for p in params["lam"]])
         last = self._last_lam
+        yes = torch.ones((), dtype=torch.bool, device=home)
+        others = torch.stack([torch.isfinite(g).all().to(home) for g in extra_grads]).all() if extra_grads else yes
         flags = torch.stack([torch.isfinite(torch.cat(values)).all(), torch.isfinite(torch.cat(grads)).all(),
                              torch.cat(lam_grads).any() if lam_grads else no,
-                             (lam_now == last).all() if last is not None and last.shape == lam_now.shape else no])
-        values_finite, grads_finite, lam_nonzero, lam_unchanged = flags.tolist()
+                             (lam_now == last).all() if last is not None and last.shape == lam_now.shape else no,
+                             others])
+        values_finite, grads_finite, lam_nonzero, lam_unchanged, others_finite = flags.tolist()
         if not values_finite:
             for name, ps in params.items():
                 for layer_name, p in zip(self.names, ps, strict=True):
@@ -176,6 +179,12 @@ class RankAllocator:
                            "statistics are skipped (expected when an fp16 GradScaler skips an optimizer step).")
                     warnings.warn(msg, RuntimeWarning, stacklevel=4)
                     return False
+        if grads_finite and not others_finite:  # the head overflowed: a GradScaler skipped the optimizer step
+            self.skipped_steps += 1
+            warnings.warn(f"LoRA² allocator: non-finite gradient outside the adapter (a modules_to_save part) at step "
+                          f"{step}; the step's statistics are skipped (expected when an fp16 GradScaler skips an "
+                          "optimizer step).", RuntimeWarning, stacklevel=4)
+            return False
         if not lam_nonzero:
             warnings.warn(
                 f"update_and_allocate(step={step}): every gradient of lam is zero. If zero_grad() ran before this call, "
@@ -200,7 +209,8 @@ class RankAllocator:
                 "optimizer step came in between, so the schedule runs ahead of training and importance averages "
                 "count the same gradients again. Call it once per optimizer step, after optimizer.step(): under "
                 "accelerate's accumulate(), only when accelerator.sync_gradients is True; with gradient accumulation, "
-                "with the optimizer step number, not per micro-batch.",
+                "with the optimizer step number, not per micro-batch. (An fp16 GradScaler that skipped those steps "
+                "for an overflow in parameters LoRA² does not see does the same; then ignore this.)",
                 RuntimeWarning, stacklevel=4,
             )
 
@@ -284,8 +294,10 @@ class RankAllocator:
         keep[order[:budget]] = 1
         self.set_masks(keep.view_as(imp))  # each row is copied to its layer's device
 
-    def update_and_allocate(self, step: int) -> int | None:
-        """Run once per optimizer step (after backward, before zero_grad). Returns b(t) or None."""
+    def update_and_allocate(self, step: int, extra_grads: Sequence[torch.Tensor] = ()) -> int | None:
+        """Run once per optimizer step (after backward, before zero_grad). Returns b(t) or None. ``extra_grads``:
+        gradients of the other trained parameters (a head); a non-finite one means the optimizer step was
+        skipped (fp16 GradScaler), so the step's statistics are too."""
         if not isinstance(step, int) or isinstance(step, bool) or step < 1:
             raise ValueError(f"update_and_allocate expects the optimizer step as an integer >= 1, got {step!r}.")
         if step <= self.step:
@@ -320,7 +332,7 @@ class RankAllocator:
             return None
         phase = self.phase(step)
         self._warn_about_gaps_and_frozen_layers(step, phase)
-        usable = phase == "final" or self.check_gradients(step)  # validate before any state changes
+        usable = phase == "final" or self.check_gradients(step, extra_grads)  # validate before any state changes
         self.step, self.num_updates = step, self.num_updates + 1
         if phase != "final":
             self._remember_lam()  # after the pruning below it is refreshed again
@@ -395,10 +407,11 @@ class RankAllocator:
                 "checkpoint's settings."
             )
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
+    def load_state_dict(self, state: dict[str, object], check_total_step: bool = True) -> None:
         """Restore a ``state_dict()``; refused (nothing changed) if it was saved for another schedule or config
-        (``check_resumable``)."""
-        self.check_resumable(state, self.config.total_step)
+        (``check_resumable``). ``check_total_step=False``: the run's step count is not known yet (the 🤗 Trainer
+        sets it from max_steps later and checks then)."""
+        self.check_resumable(state, self.config.total_step if check_total_step else None)
         names = state.get("names")
         if names != self.names:
             raise ValueError("Allocator state was saved for different adapted matrices than this model has.")

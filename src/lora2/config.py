@@ -172,6 +172,8 @@ class LoRA2Config:
                 setattr(self, name, list(getattr(self, name)))
             elif isinstance(getattr(self, name), (set, frozenset)):  # PEFT takes sets; order them for the JSON
                 setattr(self, name, sorted(getattr(self, name)))
+        if self.target_modules == ["all-linear"]:  # a command line's one-item list
+            self.target_modules = "all-linear"
         for name in ("k", "r"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:

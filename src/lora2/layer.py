@@ -9,6 +9,7 @@ k·(d_in + d_out) + k², the same order as a rank-k LoRA.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +38,30 @@ def base_shape(base: nn.Module) -> tuple[int, int, bool]:
 def effective_rank_of_factors(f: Mapping[str, torch.Tensor], scaling: float = 1.0) -> int:
     """rank(Δ) of one matrix from its tensors keyed by ``FACTOR_NAMES`` (see ``LoRA2Factors.effective_rank``)."""
     return LoRA2Factors.from_tensors(f, scaling).effective_rank()
+
+
+def _state_dict_holds_w0(module: LoRA2Layer, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """A merged layer's base weight is W0 + s·Δ; its state dict entry is W0 (rounded as unmerge() would), so a
+    state dict means the same whether the model was merged or not."""
+    key = prefix + "base_layer.weight"
+    if module.merged and key in state_dict:
+        with torch.no_grad():
+            weight = module.base_layer.weight
+            delta = module.get_delta_weight()
+            wide = torch.promote_types(weight.dtype, delta.dtype)
+            state_dict[key] = (weight.to(wide) - delta.to(wide)).to(weight.dtype)
+
+
+def _unmerge_before_load(module: LoRA2Layer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    module._merge_after_load = module.merged and any(k.startswith(prefix) for k in state_dict)
+    if module._merge_after_load:
+        module.unmerge()
+
+
+def _merge_again_after_load(module: LoRA2Layer, incompatible_keys: Any) -> None:
+    if getattr(module, "_merge_after_load", False):
+        module._merge_after_load = False
+        module.merge()
 
 
 class LoRA2Layer(nn.Module):
@@ -82,6 +107,10 @@ class LoRA2Layer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
+        # state dicts always hold W0: a merged layer writes W0 and loads by unmerging first, merging again after
+        self.register_state_dict_post_hook(_state_dict_holds_w0)
+        self.register_load_state_dict_pre_hook(_unmerge_before_load)
+        self.register_load_state_dict_post_hook(_merge_again_after_load)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, k={self.k}, r={self.r}, scaling={self.scaling:g}"

@@ -175,25 +175,7 @@ class LoRA2Model(nn.Module):
                           "update_and_allocate(): nothing was pruned, so this is a plain (unpruned) run. With the 🤗 "
                           "Trainer pass callbacks=[lora2.LoRA2Callback()] or use lora2.LoRA2Trainer.",
                           RuntimeWarning, stacklevel=2)
-        if any(layer.merged for layer in self.lora2_layers.values()):
-            warnings.warn("state_dict() of a merged LoRA2Model: its base weights hold W0 + s·Δ beside the factors, so "
-                          "loading it into an unmerged model applies Δ twice. For merged weights use "
-                          "merge_and_unload().state_dict(); to keep the adapter, unmerge() first or save_pretrained().",
-                          UserWarning, stacklevel=2)
-        return super().state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """nn.Module's, on a merged model too: the merged layers are unmerged first and merged again with the
-        loaded factors (loading into the merged weights would drop the adapter, and a later ``unmerge()`` would
-        subtract the new Δ from W0)."""
-        merged = [layer for layer in self.lora2_layers.values() if layer.merged]
-        for layer in merged:
-            layer.unmerge()
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        finally:
-            for layer in merged:
-                layer.merge()
+        return super().state_dict(*args, **kwargs)  # a merged layer writes W0, not W0 + s·Δ (LoRA2Layer's hooks)
 
     def _snapshot_modules_to_save(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         return {name: {key: t.detach().clone() for key, t in self._mts_tensors(model, name)}
@@ -210,24 +192,41 @@ class LoRA2Model(nn.Module):
         nothing is copied back and a tied weight follows); a no-op while already swapped."""
         if self._mts_trained is not None:
             return
-        trained: list[tuple[torch.Tensor, torch.Tensor]] = []
+        trained: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
         for name, originals in self._mts_originals.items():
             for key, t in self._mts_tensors(self.base_model, name):
                 if key in originals:
-                    trained.append((t, t.data))
-                    t.data = originals[key].to(device=t.device, dtype=t.dtype, copy=True)  # the kept ones stay intact
+                    trained.append((t, t.data, t.requires_grad))
+                    t.data = originals[key].to(device=t.device, dtype=t.dtype)
+                    t.requires_grad_(False)  # frozen, as PEFT's original module: no optimizer step moves them
         self._mts_trained = trained
 
     def _swap_back(self) -> None:
-        for t, data in reversed(self._mts_trained or []):
+        for t, data, flag in reversed(self._mts_trained or []):
             t.data = data
+            t.requires_grad_(flag)
         self._mts_trained = None
+
+    @contextlib.contextmanager
+    def _modules_to_save_as_trained(self) -> Iterator[None]:
+        """The trained modules_to_save in place for the duration, also while the adapter is disabled (saving,
+        exporting and loading read and write those, never the kept originals)."""
+        swapped = self._mts_trained is not None
+        if swapped:
+            self._swap_back()
+        try:
+            yield
+        finally:
+            if swapped:
+                self._swap_in_originals()
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoRA2Model:  # nn.Module's signature
         """``.to()``, ``.half()``, ``.cuda()``: the kept originals of modules_to_save follow the model."""
         module = super()._apply(fn, recurse)
         self._mts_originals = {name: {key: fn(t) for key, t in tensors.items()}
                                for name, tensors in getattr(self, "_mts_originals", {}).items()}
+        if getattr(self, "_mts_trained", None) is not None:  # disabled now: the trained values follow too
+            self._mts_trained = [(t, fn(data), flag) for t, data, flag in self._mts_trained]
         return module
 
     def restore_base(self) -> None:
@@ -444,7 +443,8 @@ class LoRA2Model(nn.Module):
             what = ("no singular value is being pruned, so this is silently a plain (unpruned) run" if self.allocator.prunes
                     else f"nothing has checked that λ trains at lr × lam_lr_ratio={ratio:g}, which only "
                          "model.optimizer_param_groups(lr) sets up (an optimizer over model.parameters() trains it at "
-                         "the common rate; lam_lr_ratio=1 asks for that on purpose)")
+                         "the common rate; lam_lr_ratio=1 asks for that on purpose; if you gave λ its own rate by "
+                         "hand, ignore this)")
             msg = (
                 f"LoRA² has run {IDLE_FORWARDS_WARNING} forward passes with gradients but update_and_allocate() was "
                 f"never called: {what}. Build the optimizer with torch.optim.AdamW(model.optimizer_param_groups(lr)) and "
@@ -463,8 +463,10 @@ class LoRA2Model(nn.Module):
         self._warn_if_regularizer_skipped()
         if self.allocator.num_updates == 0:
             self._warn_if_lam_lr_unused()
+        heads = [p.grad for name in self.modules_to_save_names
+                 for p in self.base_model.get_submodule(name).parameters() if p.requires_grad and p.grad is not None]
         try:
-            budget = self.allocator.update_and_allocate(step)
+            budget = self.allocator.update_and_allocate(step, heads)
         except FloatingPointError as err:
             self._blame_half_precision_parameters(err)
             raise

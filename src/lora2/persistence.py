@@ -135,9 +135,10 @@ def adapter_state_dict(model: LoRA2Model) -> dict[str, torch.Tensor]:
     for name, layer in model.lora2_layers.items():
         for pname in FACTOR_NAMES:
             state[f"{name}.{pname}"] = getattr(layer, pname)
-    for name in model.modules_to_save_names:
-        for key, value in model.base_model.get_submodule(name).state_dict().items():
-            state[f"{name}.{key}"] = value
+    with model._modules_to_save_as_trained():  # inside disable_adapter() too: the trained values, never the originals
+        for name in model.modules_to_save_names:
+            for key, value in model.base_model.get_submodule(name).state_dict().items():
+                state[f"{name}.{key}"] = value
     return state
 
 
@@ -297,7 +298,10 @@ def load_adapter(cls: type[LoRA2Model], model: nn.Module, adapter_directory: str
         "load it with peft.PeftModel.from_pretrained(base, dir), or start a LoRA² adapter from it with "
         "lora2.init_from_peft_lora(get_lora2_model(base, config), dir)"))
     try:
-        wrapped = cls(model, config)
+        with warnings.catch_warnings():
+            if not is_trainable:  # nothing trains: a tied modules_to_save part is only read
+                warnings.filterwarnings("ignore", message="modules_to_save trains .* in place")
+            wrapped = cls(model, config)
     except (ValueError, TypeError) as err:
         trained_on = meta.get("base_model_class")
         if trained_on and trained_on != type(model).__name__:

@@ -103,16 +103,18 @@ def orth_term_means(layers: Iterable[LoRA2Layer], terms: Sequence[str],
 
 
 def orth_regularization(layers: Iterable[LoRA2Layer] | Any, terms: Sequence[str] | None = None,
-                        pq_form: str = "literal") -> torch.Tensor:
+                        pq_form: str | None = None) -> torch.Tensor:
     """R = mean over adapted matrices of the sum of the enabled terms (not yet scaled by γ). ``layers``: LoRA²
     layers, or a ``LoRA2Model`` (its layers, and its config's terms and P/Q form unless given); ``terms`` None:
-    all three ('uv', 'UV', 'PQ')."""
+    all three ('uv', 'UV', 'PQ'); ``pq_form`` None: 'literal'."""
     config = getattr(layers, "lora2_config", None)
     if config is not None and hasattr(layers, "lora2_layers"):  # a LoRA2Model
-        if terms is None:
+        if terms is None and pq_form is None:
             return layers.orth_regularization()
-        layers, pq_form = layers.lora2_layers.values(), config.pq_form
+        terms = config.orth_terms if terms is None else terms
+        layers, pq_form = layers.lora2_layers.values(), config.pq_form if pq_form is None else pq_form
     terms = list(ORTH_TERMS) if terms is None else terms
+    pq_form = "literal" if pq_form is None else pq_form
     layers = list(layers)
     if not layers:
         raise ValueError("orth_regularization needs at least one LoRA² layer (or a LoRA2Model).")

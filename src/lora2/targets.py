@@ -150,11 +150,13 @@ def all_linear(model: nn.Module) -> list[str]:
 def find_targets(model: nn.Module, targets: list[str] | str, saved: list[str]) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every module to adapt: matched, outside ``saved``, and a Linear/Conv1D. ``"all-linear"``:
     the backbone's linear layers (``all_linear``)."""
-    if targets == ALL_LINEAR:
-        targets = all_linear(model)
+    expanded = targets == ALL_LINEAR
+    if expanded:  # what a list would name: nothing trained in full, nothing an adapter cannot reach
+        targets = [n for n in all_linear(model) if not any(n == s or n.startswith(s + ".") for s in saved)
+                   and not isinstance(owner_of(model, n), nn.MultiheadAttention)]
         if not targets:
             raise ValueError(f"target_modules='all-linear' found no Linear/Conv1D layer in {type(model).__name__}'s "
-                             "backbone; name the layers to adapt.")
+                             "backbone outside modules_to_save; name the layers to adapt.")
     found: list[tuple[str, nn.Module]] = []
     skipped: list[str] = []
     for name, module in model.named_modules():
@@ -196,7 +198,7 @@ def find_targets(model: nn.Module, targets: list[str] | str, saved: list[str]) -
         warnings.warn(f"target_modules matched {skipped[:3]}{' ...' if len(skipped) > 3 else ''}: the output "
                       "projection of a torch.nn.MultiheadAttention, whose forward reads its weight directly, so an "
                       "adapter there would never run. Left out.", UserWarning, stacklevel=4)
-    if isinstance(targets, list):
+    if isinstance(targets, list) and not expanded:
         unused = [t for t in targets if not any(suffix_match(n, t) for n, _ in found) and
                   not any(suffix_match(n, t) for n in skipped)]
         names = [n for n, _ in model.named_modules() if n]

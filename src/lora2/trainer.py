@@ -212,7 +212,7 @@ class LoRA2Callback(TrainerCallback):
         saved = load_allocator_state(Path(best))
         if saved["step"] == lora2_model.allocator.step or self._holds_weights_of(Path(best), lora2_model) is not True:
             return  # the Trainer kept the last model (its loader found nothing): its allocator stays with it
-        lora2_model.allocator.load_state_dict(saved)
+        lora2_model.allocator.load_state_dict(saved, check_total_step=False)
         self.best_loaded = True
         lora2_model.warn_if_schedule_unfinished(f"load_best_model_at_end loaded {Path(best).name}", BEST_EARLY)
 
@@ -383,6 +383,6 @@ class LoRA2Trainer(Trainer):
             )
         lora2_model.load_adapter_state(read_tensors(directory / WEIGHTS_NAME), source=f"checkpoint {directory}")
         if (directory / ALLOCATOR_STATE_NAME).is_file():
-            lora2_model.allocator.load_state_dict(load_allocator_state(directory))
+            lora2_model.allocator.load_state_dict(load_allocator_state(directory), check_total_step=False)
         elif lora2_model.allocator.prunes:
             raise RuntimeError(f"{directory} holds no LoRA² allocator state; the run cannot continue identically.")

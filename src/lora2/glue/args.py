@@ -85,7 +85,8 @@ class GlueArgs:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows of each dev split."})
     target_modules: str | None = field(default=None, metadata={
-        "help": "Comma-separated module-name suffixes for every adapter method (default: the model type's ALL set)."})
+        "help": "Comma-separated module-name suffixes for every adapter method, or all-linear (every linear layer of "
+                "the backbone) (default: the model type's ALL set)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA: rank."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA: alpha (scaling alpha/r)."})
     adalora_init_r: int = field(default=12, metadata={"help": "AdaLoRA: initial rank per matrix."})

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import LoRA2Config
 from ..model import get_lora2_model
 from ..persistence import write_tensors
-from ..targets import default_targets
+from ..targets import ALL_LINEAR, all_linear, default_targets
 from .args import METHODS, GlueArgs
 
 
@@ -276,7 +276,10 @@ def head_modules(model: nn.Module) -> list[str]:
 
 
 def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
-    """The adapted modules: the given suffixes, else the model type's "ALL" set (``config.DEFAULT_TARGET_MODULES``)."""
+    """The adapted modules: the given suffixes (``all-linear``: every linear layer of the backbone, by full name,
+    the same for every method), else the model type's "ALL" set (``config.DEFAULT_TARGET_MODULES``)."""
+    if targets == [ALL_LINEAR]:
+        return all_linear(model)
     if targets:
         return list(targets)
     try:
