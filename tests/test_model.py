@@ -241,6 +241,36 @@ def test_while_disabled_saving_reads_and_casting_moves_the_trained_modules_to_sa
     model(**inputs_for("bert"))
 
 
+def test_a_backward_inside_disable_adapter_reaches_the_trained_head_and_a_resize_after_wrapping_is_named():
+    """The kept copies stand in as modules; the trained ones stay untouched, so the policy's graph built before
+    the block backpropagates into them (a .data swap dropped the head's gradient and would have used the
+    originals' weights). Resizing the embeddings after wrapping leaves the kept copy at the old size: refused."""
+    _, model = build("llama", modules_to_save=["lm_head"])
+    randomize_adapters(model)
+    model.train()
+    ids = torch.randint(0, 128, (2, 6))
+    loss = model(input_ids=ids, labels=ids).loss
+    with model.disable_adapter():
+        with torch.no_grad():
+            model(input_ids=ids)
+        loss.backward()
+    head = model.base_model.lm_head.weight
+    assert head.grad is not None and head.requires_grad
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-7)
+    _, resized = build("llama", modules_to_save=["lm_head"])
+    resized.resize_token_embeddings(136)
+    with pytest.raises(RuntimeError, match=r"lm_head.weight is \(136, 48\) now but \(128, 48\) when the model was "
+                                           r"wrapped \(resize_token_embeddings after get_lora2_model\?\)"):
+        with resized.disable_adapter():
+            pass
+    assert "LoRA2Model(" in repr(resized)[:20] and resized._get_name() == "LlamaForCausalLM"
+
+
 def test_peft_names_for_disabling_merging_and_unloading():
     reference, model = build("bert")
     randomize_adapters(model)

@@ -455,6 +455,31 @@ def test_label_smoothing_keeps_the_regulariser_in_the_loss(tmp_path):
     assert float(smoothed - plain) == pytest.approx(0.1 * float(model.last_orth_reg), rel=1e-4)
 
 
+@pytest.mark.parametrize("trainer_cls", [LoRA2Trainer, Trainer])
+def test_label_smoothing_shifts_a_causal_lms_labels(tmp_path, trainer_cls):
+    """The 🤗 Trainer shifts the labels for label smoothing only when the model's name is a causal LM class; as
+    "LoRA2Model" it smoothed the unshifted ones, training each position to predict its own token."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model = _no_dropout(_decoder_model(tiny_llama))
+    assert model._get_name() == "LlamaForCausalLM"
+    trainer = trainer_cls(model=model, args=args(tmp_path, label_smoothing_factor=0.1, save_strategy="no",
+                                                 gradient_accumulation_steps=1),
+                          train_dataset=CausalToy(), callbacks=[] if trainer_cls is LoRA2Trainer else [LoRA2Callback()])
+    model.train()
+    batch = {k: torch.stack([CausalToy()[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = trainer.compute_loss(model, dict(batch))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"])
+        shifted = LabelSmoother(epsilon=0.1)(logits, batch["labels"], shift_labels=True)
+        unshifted = LabelSmoother(epsilon=0.1)(logits, batch["labels"])
+    reg = 0.5 * float(model.orth_regularization().detach()) if trainer_cls is LoRA2Trainer else 0.0  # the plain one warns
+    assert float(loss) == pytest.approx(float(shifted) + reg, rel=1e-5)
+    assert abs(float(shifted) - float(unshifted)) > 1e-3  # far outside the tolerance above: the check can tell
+
+
 # -- resuming and training again: the schedule a checkpoint was made for ------------------------------------------
 def _trained(tmp_path, trainer_cls=LoRA2Trainer, **kw):
     model = lora2_model()

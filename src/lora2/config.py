@@ -355,6 +355,10 @@ PEFT_OPTION_NAMES = {
                        "module name) that leaves the others out",
     "layers_to_transform": "one regex in target_modules, e.g. r'.*layer\\.(0|1)\\..*query'",
     "bias": "nothing built in: list the modules whose biases should train in modules_to_save",
+    "use_dora": "nothing: DoRA is another method",
+    "inference_mode": "LoRA2Model.from_pretrained(base, dir) (is_trainable=False, the default)",
+    "rank_pattern": "nothing: one k and r for every matrix, and the rank allocator sets the ranks",
+    "alpha_pattern": "nothing: one alpha for every matrix",
 }
 
 

@@ -110,7 +110,7 @@ class LoRA2Model(nn.Module):
         # modules_to_save train in place; their loaded values are what disable_adapter() and restore_base() give back
         # (PEFT keeps the original module beside a trained copy)
         self._mts_originals = self._snapshot_modules_to_save(model)
-        self._mts_trained: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # while the originals are in
+        self._mts_trained: list[tuple[str, nn.Module]] | None = None  # the trained modules, while the originals stand in
         self._wrapped_config = copy.deepcopy(config)  # save_pretrained refuses later edits the layers do not follow
         try:
             self._inject(found)
@@ -175,36 +175,49 @@ class LoRA2Model(nn.Module):
                           "update_and_allocate(): nothing was pruned, so this is a plain (unpruned) run. With the 🤗 "
                           "Trainer pass callbacks=[lora2.LoRA2Callback()] or use lora2.LoRA2Trainer.",
                           RuntimeWarning, stacklevel=2)
-        return super().state_dict(*args, **kwargs)  # a merged layer writes W0, not W0 + s·Δ (LoRA2Layer's hooks)
+        with self._modules_to_save_as_trained():  # inside disable_adapter() too: the trained modules
+            return super().state_dict(*args, **kwargs)  # a merged layer writes W0, not W0 + s·Δ (LoRA2Layer's hooks)
 
-    def _snapshot_modules_to_save(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-        return {name: {key: t.detach().clone() for key, t in self._mts_tensors(model, name)}
-                for name in self.modules_to_save_names}
-
-    @staticmethod
-    def _mts_tensors(model: nn.Module, name: str) -> Iterator[tuple[str, torch.Tensor]]:
-        module = model.get_submodule(name)
-        yield from module.named_parameters()
-        yield from ((key, t) for key, t in module.named_buffers() if t.is_floating_point())
+    def _snapshot_modules_to_save(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Frozen copies of the modules_to_save as loaded, and of the modules sharing a weight with them (a tied
+        ``lm_head``'s input embeddings, trained through the tie), copied together so their ties hold."""
+        names = list(self.modules_to_save_names)
+        for _, outside in tied_outside(model, names):
+            owner = outside.rpartition(".")[0]
+            if owner and owner not in names:
+                names.append(owner)
+        memo: dict[int, Any] = {}
+        copies = {name: copy.deepcopy(model.get_submodule(name), memo) for name in names}
+        for module in copies.values():
+            module.requires_grad_(False)
+        return copies
 
     def _swap_in_originals(self) -> None:
-        """The modules_to_save hold their loaded values until ``_swap_back`` (their tensors' ``.data`` swapped, so
-        nothing is copied back and a tied weight follows); a no-op while already swapped."""
+        """Put the kept copies in place of the trained modules until ``_swap_back`` (the trained modules and
+        their parameters stay untouched, so a graph built before still backpropagates into them); a no-op while
+        already swapped."""
         if self._mts_trained is not None:
             return
-        trained: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
-        for name, originals in self._mts_originals.items():
-            for key, t in self._mts_tensors(self.base_model, name):
-                if key in originals:
-                    trained.append((t, t.data, t.requires_grad))
-                    t.data = originals[key].to(device=t.device, dtype=t.dtype)
-                    t.requires_grad_(False)  # frozen, as PEFT's original module: no optimizer step moves them
+        for name, original in self._mts_originals.items():
+            current = self.base_model.get_submodule(name)
+            now = {k: tuple(t.shape) for k, t in current.state_dict().items()}
+            then = {k: tuple(t.shape) for k, t in original.state_dict().items()}
+            if now != then:
+                changed = next(k for k in now if now[k] != then.get(k))
+                raise RuntimeError(
+                    f"{name}.{changed} is {now[changed]} now but {then.get(changed)} when the model was wrapped "
+                    "(resize_token_embeddings after get_lora2_model?): the base model as loaded no longer fits it, so "
+                    "disable_adapter() cannot run it. Resize the base model before wrapping it.")
+        trained = []
+        for name, original in self._mts_originals.items():
+            current = self.base_model.get_submodule(name)
+            swap_module(self.base_model, current, original)
+            trained.append((name, current))
         self._mts_trained = trained
 
     def _swap_back(self) -> None:
-        for t, data, flag in reversed(self._mts_trained or []):
-            t.data = data
-            t.requires_grad_(flag)
+        for name, current in reversed(self._mts_trained or []):
+            swap_module(self.base_model, self._mts_originals[name], current)
         self._mts_trained = None
 
     @contextlib.contextmanager
@@ -221,12 +234,13 @@ class LoRA2Model(nn.Module):
                 self._swap_in_originals()
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoRA2Model:  # nn.Module's signature
-        """``.to()``, ``.half()``, ``.cuda()``: the kept originals of modules_to_save follow the model."""
+        """``.to()``, ``.half()``, ``.cuda()``: the kept originals of modules_to_save follow the model (and the
+        trained modules while the originals stand in for them)."""
         module = super()._apply(fn, recurse)
-        self._mts_originals = {name: {key: fn(t) for key, t in tensors.items()}
-                               for name, tensors in getattr(self, "_mts_originals", {}).items()}
-        if getattr(self, "_mts_trained", None) is not None:  # disabled now: the trained values follow too
-            self._mts_trained = [(t, fn(data), flag) for t, data, flag in self._mts_trained]
+        for original in getattr(self, "_mts_originals", {}).values():
+            original._apply(fn)
+        for _, trained in getattr(self, "_mts_trained", None) or []:
+            trained._apply(fn)
         return module
 
     def restore_base(self) -> None:
@@ -238,10 +252,11 @@ class LoRA2Model(nn.Module):
         if getattr(self, "_mts_trained", None) is not None:
             self._swap_back()
         with torch.no_grad():
-            for name, originals in getattr(self, "_mts_originals", {}).items():
-                for key, t in self._mts_tensors(self.base_model, name):
-                    if key in originals:
-                        t.copy_(originals[key])
+            for name, original in getattr(self, "_mts_originals", {}).items():
+                current = self.base_model.get_submodule(name)
+                for target, value in zip((*current.parameters(), *current.buffers()),
+                                         (*original.parameters(), *original.buffers()), strict=True):
+                    target.copy_(value)
         for param, flag in self._base_requires_grad:
             param.requires_grad_(flag)
         self._unloaded = True
@@ -289,6 +304,16 @@ class LoRA2Model(nn.Module):
                     "base model, LoRA2Model.from_pretrained(base, dir) loads another adapter onto a fresh base."
                 ) from None
             return getattr(self.base_model, name)
+
+    def _get_name(self) -> str:
+        """The wrapped model's class name: the 🤗 Trainer decides from it whether label smoothing shifts the labels
+        (a causal LM predicts the next token; with "LoRA2Model" it smoothed the unshifted ones)."""
+        return self.base_model._get_name()
+
+    def __repr__(self) -> str:
+        text = super().__repr__()  # nn.Module's, which starts with _get_name()
+        base = self._get_name()
+        return "LoRA2Model" + text[len(base):] if text.startswith(base) else text
 
     @property
     def config(self) -> Any:
