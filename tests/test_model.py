@@ -264,11 +264,68 @@ def test_a_backward_inside_disable_adapter_reaches_the_trained_head_and_a_resize
             torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-7)
     _, resized = build("llama", modules_to_save=["lm_head"])
     resized.resize_token_embeddings(136)
-    with pytest.raises(RuntimeError, match=r"lm_head.weight is \(136, 48\) now but \(128, 48\) when the model was "
-                                           r"wrapped \(resize_token_embeddings after get_lora2_model\?\)"):
+    with pytest.raises(RuntimeError, match=r"A modules_to_save parameter was replaced after wrapping "
+                                           r"\(resize_token_embeddings, or a load with assign=True\)"):
         with resized.disable_adapter():
             pass
+    assert not any(layer.disabled for layer in resized.lora2_layers.values())  # refused before anything moved
     assert "LoRA2Model(" in repr(resized)[:20] and resized._get_name() == "LlamaForCausalLM"
+
+
+def test_disable_adapter_reaches_every_holder_of_a_tied_head_and_keeps_hooks(tmp_path):
+    """Parameters, not modules, are exchanged inside the block: BART's lm_head shares one tensor with three
+    embedding modules (a module copy missed two: 0.61 off); an adapted partner (GPT-2's lm_head while wte is
+    saved) holds it in its base layer (a module copy was refused); the modules and their hooks stay; a load,
+    save or export inside the block goes to the trained values; a sparse head gradient passes the allocator."""
+    import copy
+
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    bart = BartForConditionalGeneration(BartConfig(
+        vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)).eval()
+    reference = copy.deepcopy(bart)
+    with pytest.warns(UserWarning, match="modules_to_save trains lm_head.weight in place"):
+        model = get_lora2_model(bart, LoRA2Config(k=2, r=4, target_rank=4, target_modules=["q_proj", "v_proj"],
+                                                  modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.base_model.lm_head.weight.add_(0.5)  # trains the embeddings too, through the tie
+    calls = []
+    model.base_model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.randint(3, 96, (2, 7))
+    with model.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits,
+                                   reference(input_ids=ids, decoder_input_ids=ids).logits, rtol=0, atol=0)
+    assert calls == [1]
+
+    gpt2 = tiny_gpt2()
+    plain = copy.deepcopy(gpt2)
+    with pytest.warns(UserWarning, match="modules_to_save trains transformer.wte.weight in place"):
+        tied = get_lora2_model(gpt2, LoRA2Config(k=2, r=4, target_rank=4, target_modules=["c_attn", "lm_head"],
+                                                 modules_to_save=["wte"]))
+    randomize_adapters(tied)
+    with torch.no_grad():
+        tied.base_model.transformer.wte.weight.add_(0.5)
+    trained = tied.base_model.transformer.wte.weight.detach().clone()
+    ids = torch.randint(0, 128, (2, 6))
+    tied.disable_adapter_layers()
+    torch.testing.assert_close(tied(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+    tied.load_state_dict(tied.state_dict())  # a checkpoint round trip while disabled: into the trained values
+    tied.save_pretrained(tmp_path)
+    assert torch.equal(load_file(tmp_path / WEIGHTS_NAME)["transformer.wte.weight"], trained)
+    torch.testing.assert_close(tied(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+    tied.enable_adapter_layers()
+    assert torch.equal(tied.base_model.transformer.wte.weight, trained)
+
+    sparse = get_lora2_model(tiny_llama(), LoRA2Config(k=2, r=4, target_rank=2, total_step=20, init_warmup=2,
+                                                       final_warmup=2, target_modules=["q_proj"],
+                                                       modules_to_save=["embed_tokens"]))
+    sparse.base_model.model.embed_tokens.sparse = True
+    sparse.train()
+    sparse(input_ids=ids, labels=ids).loss.backward()
+    assert sparse.base_model.model.embed_tokens.weight.grad.is_sparse
+    sparse.update_and_allocate(1)  # crashed: isfinite of a sparse tensor
 
 
 def test_peft_names_for_disabling_merging_and_unloading():

@@ -70,9 +70,10 @@ def source_from_model(model: Any) -> LoRA2Source:
     model.check_config_matches_layers()
     check_untied_modules_to_save(tied_outside(model.base_model, list(model.modules_to_save_names)))
     saved: dict[str, torch.Tensor] = {}
-    for name in model.modules_to_save_names:
-        for key, value in model.base_model.get_submodule(name).state_dict().items():
-            saved[f"{name}.{key}"] = value.detach().cpu()
+    with model._modules_to_save_as_trained():  # inside disable_adapter() too: the trained values
+        for name in model.modules_to_save_names:
+            for key, value in model.base_model.get_submodule(name).state_dict().items():
+                saved[f"{name}.{key}"] = value.detach().cpu()
     return LoRA2Source(
         config=model.lora2_config,
         factors={name: layer.factors().to("cpu") for name, layer in model.lora2_layers.items()},

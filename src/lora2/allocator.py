@@ -17,6 +17,14 @@ import torch
 from .config import LoRA2Config
 from .layer import LoRA2Layer
 
+
+def _finite(grad: torch.Tensor) -> torch.Tensor:
+    """Whether every entry is finite, as one float32 sum (a NaN or ±inf anywhere makes it non-finite): no
+    tensor-sized mask for a large head, and sparse gradients (an Embedding(sparse=True)) work."""
+    values = grad.coalesce().values() if grad.is_sparse else grad
+    return torch.isfinite(values.sum(dtype=torch.float32))
+
+
 INNER = ("lam", "p_inner", "q_inner")
 OUTER = ("p_outer", "q_outer")
 
@@ -152,7 +160,7 @@ class RankAllocator:
         lam_now = torch.cat([p.detach().reshape(-1).to(home) for p in params["lam"]])
         last = self._last_lam
         yes = torch.ones((), dtype=torch.bool, device=home)
-        others = torch.stack([torch.isfinite(g).all().to(home) for g in extra_grads]).all() if extra_grads else yes
+        others = torch.stack([_finite(g).to(home) for g in extra_grads]).all() if extra_grads else yes
         flags = torch.stack([torch.isfinite(torch.cat(values)).all(), torch.isfinite(torch.cat(grads)).all(),
                              torch.cat(lam_grads).any() if lam_grads else no,
                              (lam_now == last).all() if last is not None and last.shape == lam_now.shape else no,

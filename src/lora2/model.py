@@ -110,7 +110,8 @@ class LoRA2Model(nn.Module):
         # modules_to_save train in place; their loaded values are what disable_adapter() and restore_base() give back
         # (PEFT keeps the original module beside a trained copy)
         self._mts_originals = self._snapshot_modules_to_save(model)
-        self._mts_trained: list[tuple[str, nn.Module]] | None = None  # the trained modules, while the originals stand in
+        # (module, key, trained parameter) while the kept copies stand in for them (disable_adapter())
+        self._mts_trained: list[tuple[nn.Module, str, nn.Parameter]] | None = None
         self._wrapped_config = copy.deepcopy(config)  # save_pretrained refuses later edits the layers do not follow
         try:
             self._inject(found)
@@ -178,46 +179,38 @@ class LoRA2Model(nn.Module):
         with self._modules_to_save_as_trained():  # inside disable_adapter() too: the trained modules
             return super().state_dict(*args, **kwargs)  # a merged layer writes W0, not W0 + s·Δ (LoRA2Layer's hooks)
 
-    def _snapshot_modules_to_save(self, model: nn.Module) -> dict[str, nn.Module]:
-        """Frozen copies of the modules_to_save as loaded, and of the modules sharing a weight with them (a tied
-        ``lm_head``'s input embeddings, trained through the tie), copied together so their ties hold."""
-        names = list(self.modules_to_save_names)
-        for _, outside in tied_outside(model, names):
-            owner = outside.rpartition(".")[0]
-            if owner and owner not in names:
-                names.append(owner)
-        memo: dict[int, Any] = {}
-        copies = {name: copy.deepcopy(model.get_submodule(name), memo) for name in names}
-        for module in copies.values():
-            module.requires_grad_(False)
-        return copies
+    def _snapshot_modules_to_save(self, model: nn.Module) -> dict[int, nn.Parameter]:
+        """id(parameter) → a frozen copy as loaded, for every parameter of the modules_to_save (floating buffers are
+        not trained by an optimizer and stay). One copy per tensor, whichever modules hold it (ties)."""
+        kept: dict[int, nn.Parameter] = {}
+        for name in self.modules_to_save_names:
+            for param in model.get_submodule(name).parameters():
+                if id(param) not in kept:
+                    kept[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=False)
+        return kept
 
     def _swap_in_originals(self) -> None:
-        """Put the kept copies in place of the trained modules until ``_swap_back`` (the trained modules and
-        their parameters stay untouched, so a graph built before still backpropagates into them); a no-op while
-        already swapped."""
+        """Until ``_swap_back``, every module that holds a modules_to_save parameter (tied ones included, and an
+        adapted layer's base) holds its frozen copy instead. Parameter objects are exchanged, not their data: the
+        trained ones, their gradients, hooks and optimizer state stay untouched, and a graph built before the
+        block backpropagates into them. A no-op while already swapped."""
         if self._mts_trained is not None:
             return
-        for name, original in self._mts_originals.items():
-            current = self.base_model.get_submodule(name)
-            now = {k: tuple(t.shape) for k, t in current.state_dict().items()}
-            then = {k: tuple(t.shape) for k, t in original.state_dict().items()}
-            if now != then:
-                changed = next(k for k in now if now[k] != then.get(k))
-                raise RuntimeError(
-                    f"{name}.{changed} is {now[changed]} now but {then.get(changed)} when the model was wrapped "
-                    "(resize_token_embeddings after get_lora2_model?): the base model as loaded no longer fits it, so "
-                    "disable_adapter() cannot run it. Resize the base model before wrapping it.")
-        trained = []
-        for name, original in self._mts_originals.items():
-            current = self.base_model.get_submodule(name)
-            swap_module(self.base_model, current, original)
-            trained.append((name, current))
-        self._mts_trained = trained
+        held = [(module, key, param) for module in self.base_model.modules(remove_duplicate=False)
+                for key, param in module._parameters.items() if param is not None and id(param) in self._mts_originals]
+        missing = set(self._mts_originals) - {id(param) for _, _, param in held}
+        if missing:
+            raise RuntimeError(
+                "A modules_to_save parameter was replaced after wrapping (resize_token_embeddings, or a load with "
+                "assign=True): the base model as loaded is no longer known, so disable_adapter() cannot run it. "
+                "Resize or replace before get_lora2_model.")
+        for module, key, param in held:
+            module._parameters[key] = self._mts_originals[id(param)]
+        self._mts_trained = held
 
     def _swap_back(self) -> None:
-        for name, current in reversed(self._mts_trained or []):
-            swap_module(self.base_model, self._mts_originals[name], current)
+        for module, key, param in reversed(self._mts_trained or []):
+            module._parameters[key] = param
         self._mts_trained = None
 
     @contextlib.contextmanager
@@ -233,14 +226,22 @@ class LoRA2Model(nn.Module):
             if swapped:
                 self._swap_in_originals()
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        with self._modules_to_save_as_trained():  # inside disable_adapter() too: into the trained modules
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def _apply(self, fn: Any, recurse: bool = True) -> LoRA2Model:  # nn.Module's signature
         """``.to()``, ``.half()``, ``.cuda()``: the kept originals of modules_to_save follow the model (and the
-        trained modules while the originals stand in for them)."""
-        module = super()._apply(fn, recurse)
-        for original in getattr(self, "_mts_originals", {}).values():
-            original._apply(fn)
-        for _, trained in getattr(self, "_mts_trained", None) or []:
-            trained._apply(fn)
+        trained ones while the originals stand in for them)."""
+        swapped = getattr(self, "_mts_trained", None)
+        module = super()._apply(fn, recurse)  # converts whichever parameters the modules hold now
+        with torch.no_grad():
+            if swapped is None:
+                for original in getattr(self, "_mts_originals", {}).values():
+                    original.data = fn(original.data)
+            else:
+                for param in {id(p): p for _, _, p in swapped}.values():
+                    param.data = fn(param.data)
         return module
 
     def restore_base(self) -> None:
@@ -251,12 +252,11 @@ class LoRA2Model(nn.Module):
             swap_module(self.base_model, layer, layer.base_layer)
         if getattr(self, "_mts_trained", None) is not None:
             self._swap_back()
+        kept = getattr(self, "_mts_originals", {})
         with torch.no_grad():
-            for name, original in getattr(self, "_mts_originals", {}).items():
-                current = self.base_model.get_submodule(name)
-                for target, value in zip((*current.parameters(), *current.buffers()),
-                                         (*original.parameters(), *original.buffers()), strict=True):
-                    target.copy_(value)
+            for param in self.base_model.parameters():
+                if id(param) in kept:
+                    param.copy_(kept[id(param)])
         for param, flag in self._base_requires_grad:
             param.requires_grad_(flag)
         self._unloaded = True
@@ -573,10 +573,10 @@ class LoRA2Model(nn.Module):
         afterwards. What trains inside the block trains the loaded values, which are then discarded."""
         previous = {n: (layer.disabled, layer.merged) for n, layer in self.lora2_layers.items()}
         swapped_before = self._mts_trained is not None  # inside disable_adapter_layers(): leave it so
+        self._swap_in_originals()  # first: a refusal leaves the adapter as it was
         for layer in self.lora2_layers.values():
             layer.unmerge()
             layer.disabled = True
-        self._swap_in_originals()
         try:
             yield
         finally:
@@ -591,10 +591,10 @@ class LoRA2Model(nn.Module):
     def disable_adapter_layers(self) -> None:
         """Until ``enable_adapter_layers()``: the base model as loaded (``disable_adapter()`` without the block);
         a merged model is unmerged."""
+        self._swap_in_originals()  # first: a refusal leaves the adapter as it was
         for layer in self.lora2_layers.values():
             layer.unmerge()
             layer.disabled = True
-        self._swap_in_originals()
 
     def enable_adapter_layers(self) -> None:
         self._swap_back()
