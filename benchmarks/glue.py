@@ -5,8 +5,8 @@ Table 4, reduced vs full importance) plus LoRA² training dynamics, on a CPU, ov
                                   [--variants V,...] [--max-runs N] [--shard I/N] [--workers N] [--dry-run] ...
     python benchmarks/glue.py tables      # results/glue_v2/tables.md, and the plots
     python benchmarks/glue.py plots       # results/glue_v2/plots/*.png
-    python benchmarks/glue.py --results-dir results/glue_v2_gpu combine --seeds-from results/glue_v2
-                                          # seeds of two devices in one table (results/glue_v2_gpu/combined.md)
+    python benchmarks/glue.py --results-dir benchmarks/results/glue_v2_gpu combine \
+        --seeds-from benchmarks/results/glue_v2   # seeds of two devices in one table (→ glue_v2_gpu/combined.md)
 
 ``benchmarks/glue_protocol.json`` says what to run (per-task budgets, methods with their lr grids,
 groups, the lr-selection rule, the priority order). ``run`` trains the runs that can train now, one at a

@@ -339,9 +339,13 @@ class LoRA2Config:
         return cls.from_dict(data)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> LoRA2Config:
-        """PEFT's name: the config of an adapter directory written by ``save_pretrained`` (or a config JSON file)."""
-        return cls.from_json_file(path)
+    def from_pretrained(cls, path: str | Path, revision: str | None = None, token: str | bool | None = None,
+                        ) -> LoRA2Config:
+        """PEFT's name: the config of an adapter directory written by ``save_pretrained`` (a Hub repo id as
+        ``LoRA2Model.from_pretrained`` takes one), or of a config JSON file."""
+        from .hub import resolve_adapter_directory
+
+        return cls.from_json_file(resolve_adapter_directory(path, revision, token))
 
 
 # PEFT's (and AdaLoRA's) option names that LoRA2Config spells differently or does not need: named in the TypeError
@@ -356,6 +360,7 @@ PEFT_OPTION_NAMES = {
     "layers_to_transform": "one regex in target_modules, e.g. r'.*layer\\.(0|1)\\..*query'",
     "bias": "nothing built in: list the modules whose biases should train in modules_to_save",
     "use_dora": "nothing: DoRA is another method",
+    "peft_type": "nothing: a LoRA2Config is LoRA²'s own type",
     "inference_mode": "LoRA2Model.from_pretrained(base, dir) (is_trainable=False, the default)",
     "rank_pattern": "nothing: one k and r for every matrix, and the rank allocator sets the ranks",
     "alpha_pattern": "nothing: one alpha for every matrix",

@@ -199,7 +199,7 @@ class LoRA2Model(nn.Module):
         held = [(module, key, param) for module in self.base_model.modules(remove_duplicate=False)
                 for key, param in module._parameters.items() if param is not None and id(param) in self._mts_originals]
         missing = set(self._mts_originals) - {id(param) for _, _, param in held}
-        if missing:
+        if missing or any(param.shape != self._mts_originals[id(param)].shape for _, _, param in held):
             raise RuntimeError(
                 "A modules_to_save parameter was replaced after wrapping (resize_token_embeddings, or a load with "
                 "assign=True): the base model as loaded is no longer known, so disable_adapter() cannot run it. "
@@ -683,8 +683,9 @@ class LoRA2Model(nn.Module):
 
     def _refuse_while_disabled(self, action: str) -> None:
         if any(layer.disabled for layer in self.lora2_layers.values()):
-            raise RuntimeError(f"{action} inside disable_adapter(): the block runs the base model as loaded; call it "
-                               "after the block.")
+            raise RuntimeError(f"{action} while the adapter is disabled (inside disable_adapter(), or after "
+                               "disable_adapter_layers()): the model runs the base as loaded; call it after the block, "
+                               "or after enable_adapter_layers().")
 
     def _refuse_tied_merge(self) -> None:
         """A base weight another module also uses (a head tied to the input embeddings) cannot take s·Δ in place:

@@ -177,13 +177,13 @@ def load_split(task: GlueTask | str, split: str, data_dir: str | Path | None = N
         return read_tsv(task, split, directory)
     offline = _hub_offline()
     remedy = (
-        f"Provide the data in one of two ways: (1) point --data-dir (or ${ENV_VARS[0]}) at a directory with the "
-        f"original GLUE TSV layout, e.g. <dir>/{task.dirname}/{split}.tsv; or (2) go online so the Hugging Face "
-        f"dataset {HF_DATASET!r} ({task.name}) can be downloaded."
+        f"Provide the data in one of two ways: (1) point --data-dir (or ${ENV_VARS[0]}, or ${ENV_VARS[1]}) at a "
+        f"directory with the original GLUE TSV layout, e.g. <dir>/{task.dirname}/{split}.tsv; or (2) go online so "
+        f"the Hugging Face dataset {HF_DATASET!r} ({task.name}) can be downloaded."
     )
     if offline:
-        raise FileNotFoundError(f"No local {task.name} {split} split (no --data-dir or ${ENV_VARS[0]}) and the hub "
-                                f"is offline. {remedy}")
+        raise FileNotFoundError(f"No local {task.name} {split} split (no --data-dir, ${ENV_VARS[0]} or "
+                                f"${ENV_VARS[1]}) and the hub is offline. {remedy}")
     try:
         return load_from_hub(task, split)
     except Exception as err:  # network, missing package, hub errors: all lead to the same two remedies
