@@ -19,10 +19,13 @@ from .layer import LoRA2Layer
 
 
 def _finite(grad: torch.Tensor) -> torch.Tensor:
-    """Whether every entry is finite, as one float32 sum (a NaN or ±inf anywhere makes it non-finite): no
-    tensor-sized mask for a large head, and sparse gradients (an Embedding(sparse=True)) work."""
+    """Whether every entry is finite, as one float64 sum (a NaN or ±inf anywhere makes it non-finite; finite
+    float32/16 values cannot overflow it): no tensor-sized mask for a large head, and sparse gradients (an
+    Embedding(sparse=True)) work. MPS has no float64: the elementwise check there."""
     values = grad.coalesce().values() if grad.is_sparse else grad
-    return torch.isfinite(values.sum(dtype=torch.float32))
+    if values.device.type == "mps":
+        return torch.isfinite(values).all()
+    return torch.isfinite(values.sum(dtype=torch.float64))
 
 
 INNER = ("lam", "p_inner", "q_inner")

@@ -179,14 +179,17 @@ class LoRA2Model(nn.Module):
         with self._modules_to_save_as_trained():  # inside disable_adapter() too: the trained modules
             return super().state_dict(*args, **kwargs)  # a merged layer writes W0, not W0 + s·Δ (LoRA2Layer's hooks)
 
-    def _snapshot_modules_to_save(self, model: nn.Module) -> dict[int, nn.Parameter]:
-        """id(parameter) → a frozen copy as loaded, for every parameter of the modules_to_save (floating buffers are
-        not trained by an optimizer and stay). One copy per tensor, whichever modules hold it (ties)."""
-        kept: dict[int, nn.Parameter] = {}
+    def _snapshot_modules_to_save(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Path of each modules_to_save parameter (``<module>.<key>``; those modules are never adapted, so the
+        path holds) → a frozen copy as loaded. One copy per tensor, whichever modules hold it (ties). Paths, not
+        object ids: a copy of the model (deepcopy, pickle) or a cast that makes new parameters still finds them."""
+        kept: dict[str, nn.Parameter] = {}
+        seen: set[int] = set()
         for name in self.modules_to_save_names:
-            for param in model.get_submodule(name).parameters():
-                if id(param) not in kept:
-                    kept[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=False)
+            for key, param in model.get_submodule(name).named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    kept[f"{name}.{key}"] = nn.Parameter(param.detach().clone(), requires_grad=False)
         return kept
 
     def _swap_in_originals(self) -> None:
@@ -196,16 +199,19 @@ class LoRA2Model(nn.Module):
         block backpropagates into them. A no-op while already swapped."""
         if self._mts_trained is not None:
             return
+        by_id: dict[int, nn.Parameter] = {}
+        for path, original in self._mts_originals.items():
+            current = self.base_model.get_parameter(path)
+            if current.shape != original.shape:
+                raise RuntimeError(
+                    f"{path} is {tuple(current.shape)} now but {tuple(original.shape)} when the model was wrapped "
+                    "(resize_token_embeddings after get_lora2_model?): the base model as loaded no longer fits, so "
+                    "disable_adapter() cannot run it. Resize before get_lora2_model.")
+            by_id[id(current)] = original
         held = [(module, key, param) for module in self.base_model.modules(remove_duplicate=False)
-                for key, param in module._parameters.items() if param is not None and id(param) in self._mts_originals]
-        missing = set(self._mts_originals) - {id(param) for _, _, param in held}
-        if missing or any(param.shape != self._mts_originals[id(param)].shape for _, _, param in held):
-            raise RuntimeError(
-                "A modules_to_save parameter was replaced after wrapping (resize_token_embeddings, or a load with "
-                "assign=True): the base model as loaded is no longer known, so disable_adapter() cannot run it. "
-                "Resize or replace before get_lora2_model.")
+                for key, param in module._parameters.items() if param is not None and id(param) in by_id]
         for module, key, param in held:
-            module._parameters[key] = self._mts_originals[id(param)]
+            module._parameters[key] = by_id[id(param)]
         self._mts_trained = held
 
     def _swap_back(self) -> None:
@@ -235,13 +241,18 @@ class LoRA2Model(nn.Module):
         trained ones while the originals stand in for them)."""
         swapped = getattr(self, "_mts_trained", None)
         module = super()._apply(fn, recurse)  # converts whichever parameters the modules hold now
+        kept = getattr(self, "_mts_originals", {})
         with torch.no_grad():
             if swapped is None:
-                for original in getattr(self, "_mts_originals", {}).values():
+                for original in kept.values():
                     original.data = fn(original.data)
             else:
-                for param in {id(p): p for _, _, p in swapped}.values():
+                for path in kept:  # the converted copies (new objects when torch overwrites parameters)
+                    kept[path] = self.base_model.get_parameter(path)
+                for param in {id(p): p for _, _, p in swapped}.values():  # as nn.Module._apply: data and grad
                     param.data = fn(param.data)
+                    if param.grad is not None:
+                        param.grad = fn(param.grad)
         return module
 
     def restore_base(self) -> None:
@@ -252,11 +263,9 @@ class LoRA2Model(nn.Module):
             swap_module(self.base_model, layer, layer.base_layer)
         if getattr(self, "_mts_trained", None) is not None:
             self._swap_back()
-        kept = getattr(self, "_mts_originals", {})
         with torch.no_grad():
-            for param in self.base_model.parameters():
-                if id(param) in kept:
-                    param.copy_(kept[id(param)])
+            for path, original in getattr(self, "_mts_originals", {}).items():
+                self.base_model.get_parameter(path).copy_(original)
         for param, flag in self._base_requires_grad:
             param.requires_grad_(flag)
         self._unloaded = True
