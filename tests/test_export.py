@@ -540,3 +540,28 @@ def test_an_adapter_loaded_onto_another_model_class_says_so(tmp_path):
     with pytest.warns(UserWarning, match=r"trained on a BertForSequenceClassification; it is loaded onto a "
                                          r"BertForTokenClassification"):
         LoRA2Model.from_pretrained(other, tmp_path)
+
+
+def test_a_module_peft_catches_by_plain_suffix_is_written_with_its_weights(tmp_path):
+    """PEFT matches modules_to_save names as plain suffixes: 'classifier' also catches DistilBERT's frozen
+    'pre_classifier', and PeftModel.from_pretrained then failed with KeyError on its weights. An export from the
+    live model writes them as they are."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    def base():
+        torch.manual_seed(0)
+        return DistilBertForSequenceClassification(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2,
+                                                                    hidden_dim=32)).eval()
+
+    model = get_lora2_model(base(), LoRA2Config(k=2, r=4, target_rank=4, target_modules=["q_lin", "v_lin"],
+                                                modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for layer in model.lora2_layers.values():
+            layer.lam.fill_(0.3)
+        model.base_model.classifier.weight.add_(0.2)
+    model.eval()
+    export_to_peft(model, tmp_path)
+    assert "base_model.model.pre_classifier.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    ids = torch.randint(0, 50, (2, 6))
+    peft_model = PeftModel.from_pretrained(base(), tmp_path).eval()
+    torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-6)

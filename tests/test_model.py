@@ -473,6 +473,11 @@ def test_all_linear_adapts_the_backbone_and_leaves_the_head_out(arch, count, lef
             saved = get_lora2_model(tiny_bert(), LoRA2Config(target_modules=["all-linear"],  # a CLI's one-item list
                                                              modules_to_save=["classifier", "pooler"]))
         assert len(saved.lora2_layers) == 12 and saved.lora2_config.target_modules == "all-linear"
+        from transformers import T5Config, T5ForQuestionAnswering  # base_model_prefix 'transformer' is no attribute
+
+        t5 = T5ForQuestionAnswering(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+        qa = get_lora2_model(t5, LoRA2Config(target_modules="all-linear", modules_to_save=["qa_outputs"]))
+        assert len(qa.lora2_layers) == 16 and not any(n.startswith("qa_outputs") for n in qa.lora2_layers)
 
 
 def test_orth_regularization_takes_the_model():

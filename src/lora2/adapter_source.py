@@ -62,6 +62,16 @@ def check_untied_modules_to_save(pairs: list[tuple[str, str]] | list[list[str]])
         )
 
 
+def peft_suffix_caught(base: Any, modules_to_save: list[str], adapted: list[str]) -> list[str]:
+    """Modules PEFT would also treat as modules_to_save because it matches those names as plain suffixes
+    (DistilBERT's 'pre_classifier' for 'classifier'); a PEFT load then expects their weights in the file."""
+    def outside(name: str) -> bool:
+        return not any(name == s or name.startswith(s + ".") or s.startswith(name + ".") for s in modules_to_save)
+
+    return [n for n, m in base.named_modules() if n and outside(n) and n not in adapted
+            and any(n.endswith(s) for s in modules_to_save) and any(True for _ in m.parameters(recurse=False))]
+
+
 def source_from_model(model: Any) -> LoRA2Source:
     """The adapter of a live ``LoRA2Model``, copied to the CPU."""
     if getattr(model, "_unloaded", False):
@@ -74,6 +84,9 @@ def source_from_model(model: Any) -> LoRA2Source:
         for name in model.modules_to_save_names:
             for key, value in model.base_model.get_submodule(name).state_dict().items():
                 saved[f"{name}.{key}"] = value.detach().cpu()
+        for name in peft_suffix_caught(model.base_model, list(model.modules_to_save_names), list(model.lora2_layers)):
+            for key, value in model.base_model.get_submodule(name).state_dict().items():
+                saved[f"{name}.{key}"] = value.detach().cpu()  # as they are (frozen): PEFT expects them
     return LoRA2Source(
         config=model.lora2_config,
         factors={name: layer.factors().to("cpu") for name, layer in model.lora2_layers.items()},

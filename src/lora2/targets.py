@@ -135,16 +135,28 @@ def find_modules_to_save(model: nn.Module, wanted: list[str] | None) -> list[str
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer of the backbone
 
 
+# top-level parts of 🤗 task models that sit beside the backbone (heads, their projections)
+HEAD_PARTS = frozenset({"classifier", "score", "qa_outputs", "lm_head", "projector", "pre_classifier",
+                        "classification_head", "logits_proj", "sequence_summary", "proj_out"})
+
+
 def all_linear(model: nn.Module) -> list[str]:
     """Full names of every Linear/Conv1D of the backbone: a 🤗 model's ``base_model_prefix`` part (so a task
-    head beside it, ``lm_head`` or ``classifier``, is left out), else the whole model less its output
-    embeddings."""
+    head beside it, ``lm_head`` or ``classifier``, is left out); where that attribute does not exist (T5's
+    question answering, Whisper's audio classification), the model less its known head parts; never the
+    output embeddings."""
     prefix = getattr(model, "base_model_prefix", None)
     backbone = prefix if prefix and isinstance(getattr(model, prefix, None), nn.Module) else None
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
+
+    def inside(name: str) -> bool:
+        if backbone is not None:
+            return name.startswith(backbone + ".")
+        return name.split(".")[0] not in HEAD_PARTS
+
     return [n for n, m in model.named_modules() if n and isinstance(m, SUPPORTED_TYPES) and m is not output
-            and (backbone is None or n.startswith(backbone + "."))]
+            and inside(n)]
 
 
 def find_targets(model: nn.Module, targets: list[str] | str, saved: list[str]) -> list[tuple[str, nn.Module]]:
