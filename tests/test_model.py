@@ -346,6 +346,14 @@ def test_disable_adapter_reaches_every_holder_of_a_tied_head_and_keeps_hooks(tmp
     torch.testing.assert_close(tied(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
     tied.enable_adapter_layers()
     assert torch.equal(tied.base_model.transformer.wte.weight, trained)
+    both = get_lora2_model(tiny_gpt2(), LoRA2Config(k=2, r=4, target_rank=4, target_modules=["c_attn"],
+                                                    modules_to_save=["wte", "lm_head"]))
+    with torch.no_grad():
+        both.base_model.lm_head.weight.add_(0.5)
+    both.load_state_dict({k: v.clone() for k, v in both.state_dict().items()}, assign=True)  # unties the two
+    assert both.base_model.lm_head.weight is not both.base_model.transformer.wte.weight
+    with both.disable_adapter():  # each former holder gets the kept copy
+        torch.testing.assert_close(both(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
 
     sparse = get_lora2_model(tiny_llama(), LoRA2Config(k=2, r=4, target_rank=2, total_step=20, init_warmup=2,
                                                        final_warmup=2, target_modules=["q_proj"],
@@ -478,6 +486,10 @@ def test_all_linear_adapts_the_backbone_and_leaves_the_head_out(arch, count, lef
         t5 = T5ForQuestionAnswering(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
         qa = get_lora2_model(t5, LoRA2Config(target_modules="all-linear", modules_to_save=["qa_outputs"]))
         assert len(qa.lora2_layers) == 16 and not any(n.startswith("qa_outputs") for n in qa.lora2_layers)
+        custom = nn.Module()  # not a 🤗 model: every linear layer, whatever its name (as PEFT)
+        custom.encoder, custom.projector, custom.proj_out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        plain = get_lora2_model(custom, LoRA2Config(k=1, r=2, target_modules="all-linear"))
+        assert sorted(plain.lora2_layers) == ["encoder", "proj_out", "projector"]
 
 
 def test_orth_regularization_takes_the_model():

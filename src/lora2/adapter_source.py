@@ -68,8 +68,17 @@ def peft_suffix_caught(base: Any, modules_to_save: list[str], adapted: list[str]
     def outside(name: str) -> bool:
         return not any(name == s or name.startswith(s + ".") or s.startswith(name + ".") for s in modules_to_save)
 
-    return [n for n, m in base.named_modules() if n and outside(n) and n not in adapted
-            and any(n.endswith(s) for s in modules_to_save) and any(True for _ in m.parameters(recurse=False))]
+    caught = [n for n, m in base.named_modules(remove_duplicate=False) if n and outside(n) and n not in adapted
+              and any(n.endswith(s) for s in modules_to_save) and any(True for _ in m.parameters())]
+    for name in caught:
+        inner = [a for a in adapted if a.startswith(name + ".")]
+        if inner:
+            raise ValueError(
+                f"PEFT would treat {name!r} as modules_to_save (it matches names as plain suffixes, and {name!r} ends "
+                f"with a modules_to_save entry), but it holds the adapted {inner[0]!r}, which PEFT cannot load inside "
+                "a module it saves in full. Rename the module, or leave its layers out of target_modules, to export "
+                "this model to PEFT.")
+    return caught
 
 
 def source_from_model(model: Any) -> LoRA2Source:

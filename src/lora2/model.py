@@ -184,12 +184,12 @@ class LoRA2Model(nn.Module):
         path holds) → a frozen copy as loaded. One copy per tensor, whichever modules hold it (ties). Paths, not
         object ids: a copy of the model (deepcopy, pickle) or a cast that makes new parameters still finds them."""
         kept: dict[str, nn.Parameter] = {}
-        seen: set[int] = set()
+        copies: dict[int, nn.Parameter] = {}  # one copy per tensor; every path of a tied tensor maps to it
         for name in self.modules_to_save_names:
-            for key, param in model.get_submodule(name).named_parameters():
-                if id(param) not in seen:
-                    seen.add(id(param))
-                    kept[f"{name}.{key}"] = nn.Parameter(param.detach().clone(), requires_grad=False)
+            for key, param in model.get_submodule(name).named_parameters(remove_duplicate=False):
+                if id(param) not in copies:
+                    copies[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=False)
+                kept[f"{name}.{key}"] = copies[id(param)]
         return kept
 
     def _swap_in_originals(self) -> None:
@@ -201,12 +201,18 @@ class LoRA2Model(nn.Module):
             return
         by_id: dict[int, nn.Parameter] = {}
         for path, original in self._mts_originals.items():
-            current = self.base_model.get_parameter(path)
+            try:
+                current = self.base_model.get_parameter(path)
+            except AttributeError:
+                raise RuntimeError(f"{path} no longer exists (its module was replaced or renamed after wrapping): the "
+                                   "base model as loaded is not known there, so disable_adapter() cannot run it.") from None
             if current.shape != original.shape:
                 raise RuntimeError(
                     f"{path} is {tuple(current.shape)} now but {tuple(original.shape)} when the model was wrapped "
                     "(resize_token_embeddings after get_lora2_model?): the base model as loaded no longer fits, so "
                     "disable_adapter() cannot run it. Resize before get_lora2_model.")
+            if (original.dtype, original.device) != (current.dtype, current.device):  # cast through the 🤗 model
+                original.data = original.data.to(device=current.device, dtype=current.dtype)
             by_id[id(current)] = original
         held = [(module, key, param) for module in self.base_model.modules(remove_duplicate=False)
                 for key, param in module._parameters.items() if param is not None and id(param) in by_id]
@@ -244,7 +250,7 @@ class LoRA2Model(nn.Module):
         kept = getattr(self, "_mts_originals", {})
         with torch.no_grad():
             if swapped is None:
-                for original in kept.values():
+                for original in {id(o): o for o in kept.values()}.values():  # a tied copy once
                     original.data = fn(original.data)
             else:
                 for path in kept:  # the converted copies (new objects when torch overwrites parameters)

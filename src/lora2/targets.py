@@ -142,18 +142,19 @@ HEAD_PARTS = frozenset({"classifier", "score", "qa_outputs", "lm_head", "project
 
 def all_linear(model: nn.Module) -> list[str]:
     """Full names of every Linear/Conv1D of the backbone: a 🤗 model's ``base_model_prefix`` part (so a task
-    head beside it, ``lm_head`` or ``classifier``, is left out); where that attribute does not exist (T5's
-    question answering, Whisper's audio classification), the model less its known head parts; never the
-    output embeddings."""
+    head beside it, ``lm_head`` or ``classifier``, is left out); a 🤗 model without that attribute (T5's
+    question answering, Whisper's audio classification): all but its top-level head parts; any other module:
+    every layer (as PEFT). Never the output embeddings."""
     prefix = getattr(model, "base_model_prefix", None)
     backbone = prefix if prefix and isinstance(getattr(model, prefix, None), nn.Module) else None
+    hf_heads = HEAD_PARTS if prefix and backbone is None else frozenset()
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
 
     def inside(name: str) -> bool:
         if backbone is not None:
             return name.startswith(backbone + ".")
-        return name.split(".")[0] not in HEAD_PARTS
+        return name.split(".")[0] not in hf_heads
 
     return [n for n, m in model.named_modules() if n and isinstance(m, SUPPORTED_TYPES) and m is not output
             and inside(n)]
