@@ -578,3 +578,47 @@ def test_a_plain_trainer_without_the_callback_is_told_when_it_saves(tmp_path):
     trainer.train()  # 6 forwards: under the 200-forward warning
     with pytest.warns(RuntimeWarning, match=r"trained for 6 forward passes without update_and_allocate.*LoRA2Callback"):
         trainer.save_model(str(tmp_path / "saved"))
+
+
+@pytest.mark.parametrize("strategy", ["every_save", "checkpoint"])
+def test_pushes_during_training_upload_the_adapter_and_a_resumable_checkpoint(tmp_path, monkeypatch, strategy):
+    """transformers pushes a fixed list of weight files during training (full-model and PEFT names): the LoRA²
+    adapter went up only at the end; and hub_strategy='checkpoint' uploaded the checkpoint before the allocator
+    state was written into it, so it could not be resumed. A fake Hub API records what each upload holds."""
+    import os
+
+    import transformers.trainer as hf_trainer
+
+    uploads = []
+
+    class Done:
+        def done(self):
+            return True
+
+        is_done = done
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id=None, folder_path=None, path_in_repo=None, ignore_patterns=None, **kwargs):
+            files = sorted(os.path.relpath(os.path.join(root, f), folder_path)
+                           for root, _, names in os.walk(folder_path) for f in names)
+            uploads.append((path_in_repo, files))
+            return Done()
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(hf_trainer, "hf_api", lambda *args, **kwargs: FakeApi(), raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    trainer = LoRA2Trainer(model=lora2_model(), args=args(tmp_path, push_to_hub=True, hub_model_id="me/x",
+                                                         hub_strategy=strategy), train_dataset=ToyDataset())
+    trainer.train()
+    assert uploads
+    for path_in_repo, files in uploads:
+        if path_in_repo == "last-checkpoint":
+            assert {"lora2_adapter.safetensors", "lora2_config.json", "lora2_allocator.safetensors"} <= set(files)
+        else:
+            assert {"lora2_adapter.safetensors", "lora2_config.json", "training_args.bin"} <= set(files), files

@@ -19,9 +19,19 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME as FULL_WEIGHTS_NAME
 from transformers.utils import find_labels
 
+from .config import CONFIG_NAME
 from .model import LoRA2Model
 from .optim import check_lam_lr
-from .persistence import ALLOCATOR_STATE_NAME, WEIGHTS_NAME, load_allocator_state, read_tensors, save_allocator_state
+from .persistence import (
+    ALLOCATOR_STATE_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    load_allocator_state,
+    read_tensors,
+    save_allocator_state,
+)
+
+TRAINING_ARGS_NAME = "training_args.bin"  # what transformers' Trainer._save writes beside the weights
 
 logger = logging.getLogger(__name__)
 BEST_EARLY = ("The best checkpoint predates the end of pruning, so it keeps more singular values than target_rank "
@@ -353,6 +363,22 @@ class LoRA2Trainer(Trainer):
             lora2_model.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, Path(output_dir) / TRAINING_ARGS_NAME)  # as Trainer._save (tools reread the args)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """``push_to_hub`` during training: transformers copies a fixed list of weight files (full-model and PEFT
+        names) from the checkpoint to output_dir and uploads that, so the LoRA² adapter never went up before the
+        end; and the checkpoint itself (``hub_strategy="checkpoint"``) went up before LoRA2Callback.on_save wrote
+        the allocator state, so it could not be resumed. Both are put in place first."""
+        if self.args.should_save and self.args.hub_strategy != "end":
+            lora2_model = find_lora2_model(self.model)
+            save_allocator_state(checkpoint_folder, lora2_model.allocator.state_dict())
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                source = Path(checkpoint_folder) / name
+                if source.is_file():
+                    data = source.read_bytes()
+                    atomic_write(Path(self.args.output_dir) / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: the best checkpoint's adapter and allocator state (the Trainer's own
