@@ -243,8 +243,8 @@ def test_a_head_that_overflowed_skips_the_step_instead_of_looking_like_a_missed_
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             alloc.update_and_allocate(step, [head_grad])
-        if step % 3 == 0:
-            assert any("outside the adapter" in str(w.message) for w in caught)
+        said = [w for w in caught if "outside the adapter" in str(w.message)]
+        assert len(said) == (step == 3)  # the first skip is said, the later ones counted
     assert alloc.unchanged_lam_steps == [] and alloc.skipped_steps == 4
 
 

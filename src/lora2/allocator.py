@@ -185,16 +185,10 @@ class RankAllocator:
                 bad = [ln for ln, p in zip(self.names, ps, strict=True)
                        if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
                 if bad:
-                    self.skipped_steps += 1
-                    msg = (f"LoRA² allocator: non-finite gradient of {name} in {bad[0]} at step {step}; the step's "
-                           "statistics are skipped (expected when an fp16 GradScaler skips an optimizer step).")
-                    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+                    self._skip_step(f"non-finite gradient of {name} in {bad[0]} at step {step}")
                     return False
         if grads_finite and not others_finite:  # the head overflowed: a GradScaler skipped the optimizer step
-            self.skipped_steps += 1
-            warnings.warn(f"LoRA² allocator: non-finite gradient outside the adapter (a modules_to_save part) at step "
-                          f"{step}; the step's statistics are skipped (expected when an fp16 GradScaler skips an "
-                          "optimizer step).", RuntimeWarning, stacklevel=4)
+            self._skip_step(f"non-finite gradient outside the adapter (a modules_to_save part) at step {step}")
             return False
         if not lam_nonzero:
             warnings.warn(
@@ -207,6 +201,15 @@ class RankAllocator:
         if lam_unchanged and any(p.requires_grad for p in params["lam"]):
             self._note_unchanged_lam(step)
         return True
+
+    def _skip_step(self, what: str) -> None:
+        """Count a step whose statistics are skipped; say so the first time (an fp16 GradScaler backs off every
+        few thousand steps for a whole run: one line each would be noise; ``skipped_steps`` keeps the count)."""
+        self.skipped_steps += 1
+        if self.skipped_steps == 1:
+            warnings.warn(f"LoRA² allocator: {what}; the step's statistics are skipped (expected when an fp16 "
+                          "GradScaler skips an optimizer step). Later skips are counted in allocator.skipped_steps, "
+                          "not said again.", RuntimeWarning, stacklevel=5)
 
     def _note_unchanged_lam(self, step: int) -> None:
         """λ bit-for-bit as the previous call left it: no optimizer step came in between (a loop calling this per

@@ -766,7 +766,8 @@ class LoRA2Model(nn.Module):
         self._warn_if_never_allocated("save_pretrained")
         self.warn_if_schedule_unfinished(
             "save_pretrained", "Train to the end of the schedule (set total_step to the optimizer steps you train, "
-            "not the micro-batches), or resume this run from a checkpoint with its allocator state.")
+            "not the micro-batches), or resume this run from a checkpoint with its allocator state. If an earlier "
+            "best checkpoint was loaded on purpose (load_best_model_at_end), the adapter is that one: ignore this.")
         self._save_checkpoint(save_directory)
 
     def _save_checkpoint(self, save_directory: str | Path) -> None:
