@@ -348,9 +348,8 @@ class RankAllocator:
         self._warn_about_gaps_and_frozen_layers(step, phase)
         usable = phase == "final" or self.check_gradients(step, extra_grads)  # validate before any state changes
         self.step, self.num_updates = step, self.num_updates + 1
-        if phase != "final":
-            self._remember_lam()  # after the pruning below it is refreshed again
         if not usable:
+            self._remember_lam()
             return self.budget(step)
         if phase == "final":
             if int(self.masks().sum().item()) != self.b_target:  # entered the final phase without a last prune
@@ -363,7 +362,7 @@ class RankAllocator:
         if self.is_mask_step(step):
             self.mask_to_budget(budget, step)
             self.masks_recomputed = True
-            self._remember_lam()
+        self._remember_lam()  # once per step, after any pruning changed λ
         return budget
 
     # -- reporting ----------------------------------------------------------------------------

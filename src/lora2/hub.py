@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 REPO_ID = re.compile(r"^(?!\.)[\w.-]{1,96}(/(?!\.)[\w.-]{1,96})?$")
 
 
-def hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def hub_offline(*also: str) -> bool:
+    """Whether HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE (or one of ``also``, e.g. HF_DATASETS_OFFLINE) is set."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *also)
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in names)
 
 
 def looks_like_repo_id(name: str) -> bool:

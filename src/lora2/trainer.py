@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME as FULL_WEIGHTS_NAME
 from transformers.utils import find_labels
@@ -30,8 +31,6 @@ from .persistence import (
     read_tensors,
     save_allocator_state,
 )
-
-TRAINING_ARGS_NAME = "training_args.bin"  # what transformers' Trainer._save writes beside the weights
 
 logger = logging.getLogger(__name__)
 BEST_EARLY = ("The best checkpoint predates the end of pruning, so it keeps more singular values than target_rank "

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..hub import hub_offline
 from .tasks import GlueTask, get_task
 
 ENV_VARS = ("LORA2_GLUE_DIR", "GLUE_DIR")
@@ -151,10 +152,6 @@ def data_source(data_dir: str | Path | None = None) -> str:
     return str(directory.resolve()) if directory is not None else f"hub:{HF_DATASET}"
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def load_split(task: GlueTask | str, split: str, data_dir: str | Path | None = None) -> list[Example]:
     """The local TSVs when a directory is set (a missing split there is an error), else the hub; offline with
     neither, one message with both remedies."""
@@ -170,12 +167,12 @@ def load_split(task: GlueTask | str, split: str, data_dir: str | Path | None = N
             hint = f" (found {near[0]}/: the GLUE layout spells it {task.dirname}/)" if near and near[0] != \
                 task.dirname else ""
             other = (f", or go online (the hub is off: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and unset {source} to "
-                     f"download {HF_DATASET!r}" if _hub_offline() else
+                     f"download {HF_DATASET!r}" if hub_offline("HF_DATASETS_OFFLINE") else
                      f", or unset {source} to download {HF_DATASET!r} from the hub instead")
             raise FileNotFoundError(
                 f"{source} {directory} has no {task.name} {split} split: expected {path}{hint}. Add the file{other}.")
         return read_tsv(task, split, directory)
-    offline = _hub_offline()
+    offline = hub_offline("HF_DATASETS_OFFLINE")
     remedy = (
         f"Provide the data in one of two ways: (1) point --data-dir (or ${ENV_VARS[0]}, or ${ENV_VARS[1]}) at a "
         f"directory with the original GLUE TSV layout, e.g. <dir>/{task.dirname}/{split}.tsv; or (2) go online so "
